@@ -1,0 +1,138 @@
+//! Test support for fhir-operator: the example catalogue and a real
+//! Kubernetes API server to test against.
+//!
+//! [`cluster()`] picks, in order:
+//! 1. `USE_EXISTING_CLUSTER=true`: the cluster of `KUBECONFIG` (kind, k3d, a
+//!    real cluster, or the one `make test` starts with `control-plane up`);
+//! 2. otherwise a control plane of this process (see [`control_plane`]),
+//!    from `KUBEBUILDER_ASSETS` or the cached Debian build.
+
+pub mod control_plane;
+pub mod examples;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Client, Config};
+
+use control_plane::{ControlPlane, Lifetime};
+
+/// The API server the tests talk to.
+pub struct TestCluster {
+    kubeconfig: PathBuf,
+    description: String,
+}
+
+impl TestCluster {
+    /// A new client (clients are bound to the test's own Tokio runtime).
+    pub async fn client(&self) -> Client {
+        client_for(&self.kubeconfig)
+            .await
+            .unwrap_or_else(|e| panic!("no client for {}: {e:#}", self.kubeconfig.display()))
+    }
+
+    /// Which cluster this is and where its binaries came from.
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+}
+
+static CLUSTER: OnceLock<Result<TestCluster, String>> = OnceLock::new();
+
+/// The cluster for this test process, started on first use. Panics with the
+/// reason when none can be had: an e2e test never passes without a server.
+pub fn cluster() -> &'static TestCluster {
+    let result = CLUSTER.get_or_init(|| pick_cluster().map_err(|e| format!("{e:#}")));
+    match result {
+        Ok(cluster) => cluster,
+        Err(e) => panic!("no Kubernetes API server for the e2e tests: {e}"),
+    }
+}
+
+fn pick_cluster() -> Result<TestCluster> {
+    if std::env::var("USE_EXISTING_CLUSTER").is_ok_and(|v| v == "true") {
+        let kubeconfig = std::env::var_os("KUBECONFIG")
+            .map(PathBuf::from)
+            .context("USE_EXISTING_CLUSTER=true needs KUBECONFIG to name the cluster's kubeconfig file")?;
+        if !kubeconfig.is_file() {
+            bail!("KUBECONFIG={} is not a file", kubeconfig.display());
+        }
+        let source = std::env::var("FHIR_E2E_SOURCE").unwrap_or_else(|_| "existing cluster".to_owned());
+        let description = format!("{source} (KUBECONFIG={})", kubeconfig.display());
+        eprintln!("e2e: using {description}");
+        return Ok(TestCluster { kubeconfig, description });
+    }
+    let plane = ControlPlane::start(None, Lifetime::Owned)?;
+    let description = format!("control plane of this test process, {}", plane.source());
+    eprintln!("e2e: started {description}");
+    let kubeconfig = plane.kubeconfig().to_owned();
+    plane.stop_at_exit();
+    Ok(TestCluster { kubeconfig, description })
+}
+
+/// A client from a kubeconfig file (its current context).
+pub async fn client_for(kubeconfig: &Path) -> Result<Client> {
+    let kc = Kubeconfig::read_from(kubeconfig).with_context(|| format!("reading {}", kubeconfig.display()))?;
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// Installs (creates, or replaces when present) every CRD of the operator
+/// and waits until each is established. Create/replace, not server-side
+/// apply: v1.20 refuses to apply a CRD carrying `x-kubernetes-validations`
+/// and, on create, drops them.
+pub async fn install_crds(client: &Client) -> Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for (_, crd) in fhir_operator::api::crds() {
+        let name = crd.metadata.name.clone().context("CRD without a name")?;
+        for attempt in 0.. {
+            let result = match api.get_opt(&name).await? {
+                Some(existing) => {
+                    let mut desired = crd.clone();
+                    desired.metadata.resource_version = existing.metadata.resource_version;
+                    api.replace(&name, &PostParams::default(), &desired).await.map(|_| ())
+                }
+                None => api.create(&PostParams::default(), &crd).await.map(|_| ()),
+            };
+            match result {
+                Ok(()) => break,
+                // Another test process installed or updated it meanwhile.
+                Err(kube::Error::Api(s)) if (s.code == 409) && attempt < 5 => continue,
+                Err(e) => return Err(e).with_context(|| format!("installing CRD {name}")),
+            }
+        }
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            await_condition(api.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .with_context(|| format!("CRD {name} not established within 30s"))??;
+    }
+    Ok(())
+}
+
+/// Creates a fresh namespace `e2e-<prefix>-<random>` for one test.
+pub async fn namespace(client: &Client, prefix: &str) -> Result<String> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("e2e-{prefix}-")),
+            labels: Some([("fhiroperator.io/e2e".to_owned(), "true".to_owned())].into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let created = api.create(&PostParams::default(), &ns).await.context("creating a test namespace")?;
+    created.metadata.name.context("namespace without a name")
+}

@@ -1,0 +1,4 @@
+//! fhir-operator: runs FHIR endpoints on Kubernetes the way a careful
+//! platform team would by hand.
+
+pub mod api;

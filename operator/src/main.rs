@@ -1,0 +1,51 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use fhir_operator::api;
+
+/// Kubernetes operator for managed healthcare (FHIR) API deployments.
+#[derive(Parser)]
+#[command(name = "fhir-operator", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions of every kind, as YAML.
+    Crds {
+        /// Write one file per kind into this directory instead (`crds/`).
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Crds { out_dir } => print_crds(out_dir),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("fhir-operator: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_crds(out_dir: Option<PathBuf>) -> Result<(), String> {
+    for (stem, crd) in api::crds() {
+        let text = api::crd_yaml(&crd).map_err(|e| format!("rendering the {stem} CRD: {e}"))?;
+        match &out_dir {
+            Some(dir) => {
+                let path = dir.join(format!("{stem}.yaml"));
+                std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            }
+            None => print!("{text}"),
+        }
+    }
+    Ok(())
+}
