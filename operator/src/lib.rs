@@ -2,3 +2,5 @@
 //! platform team would by hand.
 
 pub mod api;
+pub mod fhirendpoint;
+pub mod gateway_metrics;

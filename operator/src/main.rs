@@ -14,6 +14,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Sidecar: serve the gateway's access log as Prometheus metrics.
+    GatewayMetrics(fhir_operator::gateway_metrics::Args),
     /// Print the CustomResourceDefinitions of every kind, as YAML.
     Crds {
         /// Write one file per kind into this directory instead (`crds/`).
@@ -26,12 +28,23 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Crds { out_dir } => print_crds(out_dir),
+        Command::GatewayMetrics(args) => block_on(fhir_operator::gateway_metrics::run(args)).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("fhir-operator: error: {message}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime.block_on(future),
+        Err(e) => {
+            eprintln!("fhir-operator: error: cannot start the Tokio runtime: {e}");
+            std::process::exit(1)
         }
     }
 }
