@@ -983,3 +983,35 @@ fn live_source_ip_limit_is_shared_by_every_client_behind_an_address() {
     assert_eq!(codes[..2], [200, 200], "rate plus burst pass: {codes:?}");
     assert_eq!(codes[3], 429, "beta shares alpha's exhausted address budget, writes included: {codes:?}");
 }
+
+/// In a pod, each KeyRotationSchedule's Secret is its own directory and the
+/// gateway includes `keys/*/api-keys.map`: with no schedule mounted yet the
+/// glob matches nothing and nginx still starts (refusing everyone); with two,
+/// both schedules' clients pass.
+#[test]
+fn a_glob_key_map_takes_every_schedules_keys_and_tolerates_none() {
+    let upstream = Upstream::start();
+    let mut site = Site::new(limits(LimitKey::Client, RELAXED, None, None), upstream.port, None);
+    let keys = site.dir.path().join("keys");
+    std::fs::create_dir(&keys).expect("keys dir");
+    site.settings.api_keys_map = format!("{}/*/api-keys.map", keys.display());
+    std::fs::write(&site.conf, nginx_conf(&site.settings).expect("a glob key map renders")).expect("write conf");
+    hand_to_nginx(site.dir.path());
+    let output = site.nginx_t();
+    assert!(String::from_utf8_lossy(&output.stderr).contains("test is successful"), "no schedule yet: {output:?}");
+
+    for (schedule, key, client) in [("portal-keys", ALPHA_KEY, "alpha"), ("billing-keys", BETA_KEY, "beta")] {
+        std::fs::create_dir(keys.join(schedule)).expect("schedule dir");
+        let map = api_keys_map(&[pair(key, client)]).expect("key map");
+        std::fs::write(keys.join(schedule).join("api-keys.map"), map).expect("write key map");
+    }
+    hand_to_nginx(site.dir.path());
+    let nginx = Nginx::start(&site);
+    let gateway = Gateway { nginx, upstream, syslog: None, site };
+    let responses = gateway.send(&[
+        Req::get("/Patient/1").key(ALPHA_KEY),
+        Req::get("/Patient/1").key(BETA_KEY),
+        Req::get("/Patient/1").key(WRONG_KEY),
+    ]);
+    assert_eq!(statuses(&responses), [200, 200, 401], "both schedules' keys pass, others do not");
+}

@@ -245,7 +245,12 @@ fn validate(s: &GatewaySettings) -> Result<(), GatewayError> {
         ("access_log", &s.access_log),
     ];
     for (field, value) in paths {
-        if !value.starts_with('/') || !value.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._+-".contains(&b)) {
+        // The key map may be a glob (one directory per key schedule): nginx
+        // includes every match, and a glob matching nothing is no error.
+        let glob = if field == "api_keys_map" { &b"*"[..] } else { &b""[..] };
+        if !value.starts_with('/')
+            || !value.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._+-".contains(&b) || glob.contains(&b))
+        {
             return invalid(field, value, "expected an absolute path of A-Z a-z 0-9 / . _ + -");
         }
     }
