@@ -177,6 +177,17 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64>
     samples.iter().find(|s| s.name == name && s.labels == wanted).map(|s| s.value)
 }
 
+/// `fhir_gateway_requests_total` of one client, method class and status class.
+fn requests(samples: &[Sample], client: &str, method_class: &str, status_class: &str) -> Option<f64> {
+    let labels = [("client", client), ("method_class", method_class), ("status_class", status_class)];
+    value(samples, REQUESTS_TOTAL, &labels)
+}
+
+/// `fhir_gateway_rejections_total` of one client and reason.
+fn rejections(samples: &[Sample], client: &str, reason: &str) -> Option<f64> {
+    value(samples, REJECTIONS_TOTAL, &[("client", client), ("reason", reason)])
+}
+
 /// Sum over every series of `name`.
 fn total(samples: &[Sample], name: &str) -> f64 {
     samples.iter().filter(|s| s.name == name).map(|s| s.value).sum()
@@ -241,25 +252,17 @@ fn sidecar_counts_nginx_syslog_lines_and_survives_malformed_ones() {
         }
     }
     let samples = sidecar.scrape_after(lines.len() as f64, malformed.len() as f64);
-    let requests = |client, method_class, status_class| {
-        value(
-            &samples,
-            REQUESTS_TOTAL,
-            &[("client", client), ("method_class", method_class), ("status_class", status_class)],
-        )
-    };
-    assert_eq!(requests("billing", "read", "2xx"), Some(2.0), "{samples:#?}");
-    assert_eq!(requests("billing", "read", "3xx"), Some(1.0));
-    assert_eq!(requests("billing", "write", "2xx"), Some(1.0));
-    assert_eq!(requests("", "read", "4xx"), Some(1.0));
-    assert_eq!(requests("billing", "write", "4xx"), Some(1.0));
-    assert_eq!(requests("lab", "write", "4xx"), Some(1.0));
-    assert_eq!(requests("lab", "write", "5xx"), Some(1.0));
+    assert_eq!(requests(&samples, "billing", "read", "2xx"), Some(2.0), "{samples:#?}");
+    assert_eq!(requests(&samples, "billing", "read", "3xx"), Some(1.0));
+    assert_eq!(requests(&samples, "billing", "write", "2xx"), Some(1.0));
+    assert_eq!(requests(&samples, "", "read", "4xx"), Some(1.0));
+    assert_eq!(requests(&samples, "billing", "write", "4xx"), Some(1.0));
+    assert_eq!(requests(&samples, "lab", "write", "4xx"), Some(1.0));
+    assert_eq!(requests(&samples, "lab", "write", "5xx"), Some(1.0));
     assert_eq!(total(&samples, REQUESTS_TOTAL), 8.0);
-    let rejections = |client, reason| value(&samples, REJECTIONS_TOTAL, &[("client", client), ("reason", reason)]);
-    assert_eq!(rejections("", "unauthorized"), Some(1.0));
-    assert_eq!(rejections("billing", "rate_limited"), Some(1.0));
-    assert_eq!(rejections("lab", "body_too_large"), Some(1.0));
+    assert_eq!(rejections(&samples, "", "unauthorized"), Some(1.0));
+    assert_eq!(rejections(&samples, "billing", "rate_limited"), Some(1.0));
+    assert_eq!(rejections(&samples, "lab", "body_too_large"), Some(1.0));
     assert_eq!(total(&samples, REJECTIONS_TOTAL), 3.0);
     let bucket = |class, le| {
         value(&samples, &format!("{REQUEST_DURATION_SECONDS}_bucket"), &[("method_class", class), ("le", le)])
@@ -478,7 +481,7 @@ fn real_nginx_feeds_the_real_sidecar() {
     let long_path = format!("/fhir/Patient/{}", "p".repeat(3000));
     let too_long_path = format!("/{}", "x".repeat(9000));
     // (method, path, API key, body bytes, expected status)
-    let requests = [
+    let exchanges = [
         ("GET", "/fhir/Patient", billing, 0, 200),
         ("GET", &long_path, billing, 0, 200),
         ("GET", "/fhir/Patient", None, 0, 401),
@@ -491,33 +494,25 @@ fn real_nginx_feeds_the_real_sidecar() {
         // Beyond nginx's header buffers: 414, logged with no method and no client.
         ("GET", &too_long_path, billing, 0, 414),
     ];
-    for (method, path, key, body_bytes, expected) in requests {
+    for (method, path, key, body_bytes, expected) in exchanges {
         let headers: Vec<(&str, &str)> = key.map(|k| ("X-API-Key", k)).into_iter().collect();
         let status = http(addr, method, path, &headers, &vec![b'{'; body_bytes]).map(|(s, _)| s);
         assert_eq!(status, Some(expected), "{method} {:.40}", path);
     }
-    let samples = sidecar.scrape_after(requests.len() as f64, 0.0);
-    let count = |client, method_class, status_class| {
-        value(
-            &samples,
-            REQUESTS_TOTAL,
-            &[("client", client), ("method_class", method_class), ("status_class", status_class)],
-        )
-    };
-    assert_eq!(count("billing", "read", "2xx"), Some(3.0), "{samples:#?}");
-    assert_eq!(count("", "read", "4xx"), Some(2.0));
-    assert_eq!(count("lab", "write", "4xx"), Some(1.0));
-    assert_eq!(count("billing", "read", "4xx"), Some(2.0));
-    assert_eq!(count("lab", "write", "5xx"), Some(1.0));
+    let samples = sidecar.scrape_after(exchanges.len() as f64, 0.0);
+    assert_eq!(requests(&samples, "billing", "read", "2xx"), Some(3.0), "{samples:#?}");
+    assert_eq!(requests(&samples, "", "read", "4xx"), Some(2.0));
+    assert_eq!(requests(&samples, "lab", "write", "4xx"), Some(1.0));
+    assert_eq!(requests(&samples, "billing", "read", "4xx"), Some(2.0));
+    assert_eq!(requests(&samples, "lab", "write", "5xx"), Some(1.0));
     // The 414: nginx gave up before reading the method or the API key.
-    assert_eq!(count("", "other", "4xx"), Some(1.0));
-    let rejections = |client, reason| value(&samples, REJECTIONS_TOTAL, &[("client", client), ("reason", reason)]);
-    assert_eq!(rejections("", "unauthorized"), Some(2.0));
-    assert_eq!(rejections("lab", "body_too_large"), Some(1.0));
-    assert_eq!(rejections("billing", "rate_limited"), Some(2.0));
+    assert_eq!(requests(&samples, "", "other", "4xx"), Some(1.0));
+    assert_eq!(rejections(&samples, "", "unauthorized"), Some(2.0));
+    assert_eq!(rejections(&samples, "lab", "body_too_large"), Some(1.0));
+    assert_eq!(rejections(&samples, "billing", "rate_limited"), Some(2.0));
     assert_eq!(value(&samples, LOG_PARSE_ERRORS_TOTAL, &[]), Some(0.0));
     // The syslog copy counted exactly the lines of the audit log.
     let audit = std::fs::read_to_string(dir.path().join("access.log")).expect("nginx wrote its access log");
-    assert_eq!(audit.lines().count(), requests.len());
-    assert_eq!(total(&samples, REQUESTS_TOTAL), requests.len() as f64);
+    assert_eq!(audit.lines().count(), exchanges.len());
+    assert_eq!(total(&samples, REQUESTS_TOTAL), exchanges.len() as f64);
 }
