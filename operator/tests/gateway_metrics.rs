@@ -6,12 +6,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use fhir_operator::fhirendpoint::gateway::ACCESS_LOG_FIELDS;
-use fhir_operator::fhirendpoint::monitoring::{AlertSettings, prometheus_rule_spec};
+use fhir_operator::fhirendpoint::monitoring::{AlertSettings, prometheus_rule_spec, rule_groups_yaml};
 use fhir_operator::gateway_metrics::{
     CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS, LOG_PARSE_ERRORS_TOTAL, REJECTIONS_TOTAL, REQUEST_DURATION_SECONDS,
     REQUESTS_TOTAL,
@@ -40,11 +40,40 @@ fn free_port() -> u16 {
     UdpSocket::bind(("127.0.0.1", port)).map(|_| port).unwrap_or_else(|_| free_port())
 }
 
-/// Sends an HTTP/1.1 request and returns the status and the body.
+/// Starts `what` (`command` given a free loopback address) and waits,
+/// bounded, until `ready`; on another port if the first was taken.
+fn start_on_free_port(
+    what: &str,
+    mut command: impl FnMut(SocketAddr) -> Command,
+    ready: impl Fn(SocketAddr) -> bool,
+) -> (Process, SocketAddr) {
+    for _ in 0..5 {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let child = command(addr).stdin(Stdio::null()).spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot run {what} ({e}); nginx and prometheus come from the Debian packages `nginx` and `prometheus`"
+            )
+        });
+        let mut process = Process(child);
+        for _ in 0..TRIES {
+            if ready(addr) {
+                return (process, addr);
+            }
+            if process.0.try_wait().ok().flatten().is_some() {
+                break; // the port was taken after all: try another
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+    panic!("{what} did not become ready on loopback");
+}
+
+/// Sends an HTTP request and returns the status and the body.
 fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    // HTTP/1.0: every server here then ends the body by closing, never by chunks.
+    let mut request = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -70,28 +99,21 @@ impl Sidecar {
     /// Starts the sidecar on free loopback ports; ready when `/healthz`
     /// answers (both sockets are bound by then).
     fn start(extra_args: &[&str]) -> Sidecar {
-        for _ in 0..5 {
-            let syslog = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let child = Command::new(env!("CARGO_BIN_EXE_fhir-operator"))
-                .arg("gateway-metrics")
-                .args(["--syslog-listen", &syslog.to_string(), "--metrics-listen", &metrics.to_string()])
-                .args(extra_args)
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("start fhir-operator gateway-metrics");
-            let mut process = Process(child);
-            for _ in 0..TRIES {
-                if matches!(http(metrics, "GET", "/healthz", &[], b""), Some((200, _))) {
-                    return Sidecar { syslog, metrics, _process: process };
-                }
-                if process.0.try_wait().ok().flatten().is_some() {
-                    break; // a port was taken after all: try others
-                }
-                std::thread::sleep(POLL);
-            }
-        }
-        panic!("gateway-metrics did not become healthy on loopback");
+        let syslog = std::cell::Cell::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let (process, metrics) = start_on_free_port(
+            "gateway-metrics",
+            |metrics| {
+                syslog.set(SocketAddr::from(([127, 0, 0, 1], free_port())));
+                let mut command = Command::new(env!("CARGO_BIN_EXE_fhir-operator"));
+                command
+                    .arg("gateway-metrics")
+                    .args(["--syslog-listen", &syslog.get().to_string(), "--metrics-listen", &metrics.to_string()])
+                    .args(extra_args);
+                command
+            },
+            |metrics| matches!(http(metrics, "GET", "/healthz", &[], b""), Some((200, _))),
+        );
+        Sidecar { syslog: syslog.get(), metrics, _process: process }
     }
 
     fn send(&self, datagram: &[u8]) {
@@ -109,16 +131,19 @@ impl Sidecar {
     /// Scrapes until `requests` access-log lines and `errors` bad
     /// datagrams have been counted (UDP delivery is asynchronous).
     fn scrape_after(&self, requests: f64, errors: f64) -> Vec<Sample> {
-        let mut samples = Vec::new();
+        let mut counted = (0.0, 0.0);
         for _ in 0..TRIES {
-            samples = self.scrape();
-            let counted = total(&samples, &format!("{REQUEST_DURATION_SECONDS}_count"));
-            if counted >= requests && total(&samples, LOG_PARSE_ERRORS_TOTAL) >= errors {
-                break;
+            let samples = self.scrape();
+            counted = (
+                total(&samples, &format!("{REQUEST_DURATION_SECONDS}_count")),
+                total(&samples, LOG_PARSE_ERRORS_TOTAL),
+            );
+            if counted.0 >= requests && counted.1 >= errors {
+                return samples;
             }
             std::thread::sleep(POLL);
         }
-        samples
+        panic!("the sidecar counted {} of {requests} requests and {} of {errors} bad datagrams", counted.0, counted.1);
     }
 }
 
@@ -324,14 +349,25 @@ fn selectors_of_the_alerts() -> Vec<Selector> {
     found
 }
 
+/// Writes `dir/tls.crt`, a self-signed certificate whose notAfter is
+/// midnight UTC of `not_after`.
+fn write_certificate(dir: &Path, not_after: chrono::NaiveDate) -> PathBuf {
+    use chrono::Datelike;
+    let mut params = rcgen::CertificateParams::new(vec!["fhir.clinic.svc".to_owned()]).expect("params");
+    let month = u8::try_from(not_after.month()).expect("a month");
+    let day = u8::try_from(not_after.day()).expect("a day");
+    params.not_after = rcgen::date_time_ymd(not_after.year(), month, day);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let path = dir.join("tls.crt");
+    std::fs::write(&path, params.self_signed(&key).expect("certificate").pem()).expect("write tls.crt");
+    path
+}
+
 #[test]
 fn alert_rules_use_only_names_and_labels_the_sidecar_exports() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let certificate = dir.path().join("tls.crt");
-    let mut params = rcgen::CertificateParams::new(vec!["fhir.clinic.svc".to_owned()]).expect("params");
-    params.not_after = rcgen::date_time_ymd(2031, 1, 2);
-    let key = rcgen::KeyPair::generate().expect("key");
-    std::fs::write(&certificate, params.self_signed(&key).expect("certificate").pem()).expect("write tls.crt");
+    let expiry = chrono::NaiveDate::from_ymd_opt(2031, 1, 2).expect("a date");
+    let certificate = write_certificate(dir.path(), expiry);
 
     let sidecar = Sidecar::start(&["--tls-certificate", certificate.to_str().expect("UTF-8 path")]);
     // Before any request: the certificate's expiry, 2031-01-02T00:00:00Z.
@@ -440,36 +476,19 @@ http {{
 
 /// Runs nginx on a free loopback port until the guard is dropped.
 fn start_nginx(dir: &Path, syslog: SocketAddr) -> (Process, SocketAddr) {
-    for _ in 0..5 {
-        let port = free_port();
-        let conf = dir.join("nginx.conf");
-        std::fs::create_dir_all(dir.join("www")).expect("create www");
-        std::fs::write(dir.join("www/limited"), "ok\n").expect("write www/limited");
-        std::fs::write(&conf, nginx_conf(dir, port, syslog)).expect("write nginx.conf");
-        let error_log = dir.join("error.log");
-        let child = Command::new("nginx")
-            .arg("-p")
-            .arg(dir)
-            .arg("-e")
-            .arg(&error_log)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run nginx ({e}): install the Debian package `nginx`"));
-        let mut process = Process(child);
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        for _ in 0..TRIES {
-            if TcpStream::connect_timeout(&addr, POLL).is_ok() {
-                return (process, addr);
-            }
-            if process.0.try_wait().ok().flatten().is_some() {
-                break;
-            }
-            std::thread::sleep(POLL);
-        }
-    }
-    panic!("nginx did not start on loopback; see its error log in the test's temp dir");
+    std::fs::create_dir_all(dir.join("www")).expect("create www");
+    std::fs::write(dir.join("www/limited"), "ok\n").expect("write www/limited");
+    let conf = dir.join("nginx.conf");
+    start_on_free_port(
+        "nginx",
+        |addr| {
+            std::fs::write(&conf, nginx_conf(dir, addr.port(), syslog)).expect("write nginx.conf");
+            let mut command = Command::new("nginx");
+            command.arg("-p").arg(dir).arg("-e").arg(dir.join("error.log")).arg("-c").arg(&conf);
+            command
+        },
+        |addr| TcpStream::connect_timeout(&addr, POLL).is_ok(),
+    )
 }
 
 #[test]
@@ -515,4 +534,148 @@ fn real_nginx_feeds_the_real_sidecar() {
     let audit = std::fs::read_to_string(dir.path().join("access.log")).expect("nginx wrote its access log");
     assert_eq!(audit.lines().count(), exchanges.len());
     assert_eq!(total(&samples, REQUESTS_TOTAL), exchanges.len() as f64);
+}
+
+/// Percent-encodes a query parameter.
+fn query_parameter(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => char::from(b).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A real Prometheus (Debian package `prometheus`) scraping `target` every
+/// second with the labels the ServiceMonitor gives it, and evaluating the
+/// rules of `settings` every second.
+fn start_prometheus(dir: &Path, settings: &AlertSettings, target: SocketAddr) -> (Process, SocketAddr) {
+    std::fs::write(dir.join("rules.yaml"), rule_groups_yaml(&prometheus_rule_spec(settings))).expect("write rules");
+    let config = serde_json::json!({
+        "global": { "scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s" },
+        "rule_files": ["rules.yaml"],
+        "scrape_configs": [{
+            "job_name": settings.endpoint,
+            "static_configs": [{
+                "targets": [target.to_string()],
+                "labels": {
+                    "namespace": settings.namespace,
+                    "service": settings.endpoint,
+                    "endpoint": "metrics",
+                    "pod": format!("{}-0", settings.endpoint),
+                },
+            }],
+        }],
+    });
+    let config_file = dir.join("prometheus.yml");
+    std::fs::write(&config_file, serde_yaml::to_string(&config).expect("config as YAML")).expect("write config");
+    start_on_free_port(
+        "prometheus",
+        |addr| {
+            let mut command = Command::new("prometheus");
+            command
+                .arg(format!("--config.file={}", config_file.display()))
+                .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+                .arg(format!("--web.listen-address={addr}"))
+                .arg("--log.level=warn");
+            command
+        },
+        |addr| matches!(http(addr, "GET", "/-/ready", &[], b""), Some((200, _))),
+    )
+}
+
+/// `GET /api/v1/...` of Prometheus, as JSON.
+fn prometheus_api(prometheus: SocketAddr, path: &str) -> serde_json::Value {
+    let (status, body) = http(prometheus, "GET", &format!("/api/v1/{path}"), &[], b"").expect("Prometheus answers");
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).expect("Prometheus answers JSON")
+}
+
+/// Names of the alerts Prometheus holds (pending or firing).
+fn active_alerts(prometheus: SocketAddr) -> BTreeSet<String> {
+    let alerts = prometheus_api(prometheus, "alerts");
+    alerts["data"]["alerts"]
+        .as_array()
+        .expect("data.alerts")
+        .iter()
+        .filter_map(|a| a["labels"]["alertname"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Polls until `done` holds for the active alerts; returns the last ones.
+fn alerts_until(prometheus: SocketAddr, done: impl Fn(&BTreeSet<String>) -> bool) -> BTreeSet<String> {
+    let mut alerts = BTreeSet::new();
+    for _ in 0..TRIES {
+        alerts = active_alerts(prometheus);
+        if done(&alerts) {
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    alerts
+}
+
+#[test]
+fn real_prometheus_scrapes_the_sidecar_and_raises_the_alerts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let expiry = chrono::Utc::now().date_naive() + chrono::Days::new(3);
+    let certificate = write_certificate(dir.path(), expiry);
+    let sidecar = Sidecar::start(&["--tls-certificate", certificate.to_str().expect("UTF-8 path")]);
+    let settings = AlertSettings::new("clinic", "fhir");
+    let mut counted = 0.0;
+    // Per lot: 10 fine, 10 failing with 503 after 2.5 s (7% of all, and
+    // p99 in the slow bucket), 60 rate limited, 60 without a valid key.
+    // rate() divides by its whole 5 minute window, so above 1/s takes more
+    // than 300 of each in a few seconds. Sent a lot at a time, each counted
+    // before the next: the kernel drops what overflows the socket buffer.
+    let mut send_traffic = || {
+        let lot = [
+            ("billing", "GET", 200, "0.010", 10),
+            ("billing", "PUT", 503, "2.500", 10),
+            ("lab", "GET", 429, "0.000", 60),
+            ("", "GET", 401, "0.000", 60),
+        ];
+        for _ in 0..10 {
+            for (client, method, status, seconds, times) in lot {
+                let datagram = nginx_syslog(&access_log_json(client, method, status, seconds));
+                for _ in 0..times {
+                    sidecar.send(datagram.as_bytes());
+                }
+            }
+            counted += 140.0;
+            sidecar.scrape_after(counted, 0.0);
+        }
+    };
+    // Counters must exist before Prometheus's first scrape: rate() sees
+    // only increases between scrapes.
+    send_traffic();
+    let (_prometheus, prometheus) = start_prometheus(dir.path(), &settings, sidecar.metrics);
+    let up = format!("query?query={}", query_parameter(r#"up{namespace="clinic",service="fhir"}"#));
+    let mut scraped = false;
+    for _ in 0..TRIES {
+        scraped = prometheus_api(prometheus, &up)["data"]["result"][0]["value"][1] == "1";
+        if scraped {
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    assert!(scraped, "Prometheus scraped the sidecar's OpenMetrics text (up == 1)");
+    send_traffic();
+
+    // Pending is enough: the `for` durations are minutes.
+    let raised = [
+        "FhirEndpointHighErrorRatio",
+        "FhirEndpointHighLatencyP99",
+        "FhirEndpointRateLimitSpike",
+        "FhirEndpointUnauthorizedSpike",
+        "FhirEndpointCertificateExpiringSoon",
+    ];
+    let alerts = alerts_until(prometheus, |alerts| raised.iter().all(|a| alerts.contains(*a)));
+    assert!(raised.iter().all(|a| alerts.contains(*a)), "{alerts:?}");
+    assert!(!alerts.contains("FhirEndpointDown"), "{alerts:?}");
+
+    drop(sidecar);
+    let alerts = alerts_until(prometheus, |alerts| alerts.contains("FhirEndpointDown"));
+    assert!(alerts.contains("FhirEndpointDown"), "the sidecar is gone: {alerts:?}");
 }
