@@ -1,7 +1,9 @@
 //! The real sidecar (`fhir-operator gateway-metrics`, the built binary) on
 //! loopback: fed syslog datagrams in nginx's format, by hand and by a real
-//! nginx (Debian package `nginx`), and scraped over HTTP. Every child
-//! process is killed by a guard, even when an assertion fails.
+//! nginx (Debian package `nginx`), scraped over HTTP by these tests and by
+//! a real Prometheus (Debian package `prometheus`) that evaluates the
+//! generated alert rules. Every child process is killed by a guard, even
+//! when an assertion fails.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -31,13 +33,17 @@ impl Drop for Process {
     }
 }
 
-/// A port that was free a moment ago (the caller retries on a race).
+/// A loopback port that was free a moment ago for both TCP and UDP (the
+/// sidecar's syslog port is UDP); callers retry on a race.
 fn free_port() -> u16 {
-    let tcp = TcpListener::bind("127.0.0.1:0").expect("bind a TCP port");
-    let port = tcp.local_addr().expect("local address").port();
-    // The sidecar needs the same number for UDP and TCP only by chance;
-    // check UDP too so either use is free.
-    UdpSocket::bind(("127.0.0.1", port)).map(|_| port).unwrap_or_else(|_| free_port())
+    for _ in 0..10 {
+        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind a TCP port");
+        let port = tcp.local_addr().expect("local address").port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no loopback port free for both TCP and UDP");
 }
 
 /// Starts `what` (`command` given a free loopback address) and waits,
@@ -91,6 +97,8 @@ fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], bo
 
 struct Sidecar {
     syslog: SocketAddr,
+    /// Where the test's datagrams come from, as nginx's come from its own.
+    sender: UdpSocket,
     metrics: SocketAddr,
     _process: Process,
 }
@@ -113,12 +121,12 @@ impl Sidecar {
             },
             |metrics| matches!(http(metrics, "GET", "/healthz", &[], b""), Some((200, _))),
         );
-        Sidecar { syslog: syslog.get(), metrics, _process: process }
+        let sender = UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket");
+        Sidecar { syslog: syslog.get(), sender, metrics, _process: process }
     }
 
     fn send(&self, datagram: &[u8]) {
-        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket");
-        socket.send_to(datagram, self.syslog).expect("send a datagram");
+        self.sender.send_to(datagram, self.syslog).expect("send a datagram");
     }
 
     fn scrape(&self) -> Vec<Sample> {
