@@ -50,12 +50,10 @@ cluster: ## start a local control plane with the CRDs installed
 	@echo "  kubectl apply --server-side --validate=false -f examples/"
 	@echo "Stop it with: make cluster-down"
 
-cluster-down: ## stop the local control plane
+cluster-down: ## stop the demo operator and the local control plane
+	@pidfile=$(CACHE)/control-plane/operator.pid; \
+	  if [ -f $$pidfile ]; then kill $$(cat $$pidfile) 2>/dev/null || true; rm -f $$pidfile; fi
 	@$(CONTROL_PLANE) down
 
-demo: cluster ## local control plane, CRDs, and every example applied and listed
-	@command -v kubectl >/dev/null || { echo "installing kubectl (Debian package kubernetes-client)"; apt-get install -y -q kubernetes-client >/dev/null; }
-	@eval "$$($(CONTROL_PLANE) env)"; \
-	  kubectl create namespace $(DEMO_NAMESPACE) --dry-run=client -o yaml | kubectl apply --validate=false -f - >/dev/null; \
-	  kubectl apply --server-side --validate=false -n $(DEMO_NAMESPACE) -f examples/; \
-	  echo; kubectl get fhiroperator -n $(DEMO_NAMESPACE)
+demo: ## local control plane, CRDs, the operator running, every example applied and reconciled
+	@bash e2e/demo.sh

@@ -6,6 +6,8 @@
 #   e2e/control-plane.sh up      start a control plane in the background; prints
 #                                `export KUBECONFIG=...`
 #   e2e/control-plane.sh crds    install the operator's CRDs into it
+#   e2e/control-plane.sh rbac    bind the operator's RBAC to the `fhir-operator`
+#                                user; prints that user's kubeconfig
 #   e2e/control-plane.sh env     print the exports that point tools and tests at it
 #   e2e/control-plane.sh status  list its processes and whether each runs
 #   e2e/control-plane.sh down    stop every process `up` started, by pid
@@ -112,7 +114,7 @@ case "$cmd" in
     cmd_build
     need openssl openssl
     exec "$(control_plane_bin)" --dir "$STATE_DIR" "$cmd" ;;
-  down|env|status|crds)
+  down|env|status|crds|rbac)
     exec "$(control_plane_bin)" --dir "$STATE_DIR" "$cmd" ;;
   *)
     awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2

@@ -29,6 +29,23 @@ pub const DEBIAN_SOURCE_VERSION: &str = "1.20.5+really1.20.2-1.1+deb12u1";
 
 const PIDS_FILE: &str = "pids";
 const KUBECONFIG_FILE: &str = "kubeconfig";
+/// Kubeconfig of the token user `fhir-operator`, the identity the tests
+/// run the operator as (its requests are what the audit log counts).
+pub const OPERATOR_KUBECONFIG_FILE: &str = "operator.kubeconfig";
+/// The API server's audit log: JSON lines, metadata of every request by
+/// `fhir-operator` (and nothing else).
+pub const AUDIT_LOG_FILE: &str = "audit.log";
+/// User name (and group) of the operator's token.
+pub const OPERATOR_USER: &str = "fhir-operator";
+
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  users: [fhir-operator]
+- level: None
+";
 const SOURCE_FILE: &str = "source";
 
 /// Where the Kubernetes binaries come from.
@@ -166,7 +183,16 @@ impl ControlPlane {
         openssl(&["genrsa", "-out", path_str(&d.join("sa.key"))?, "2048"])?;
         openssl(&["rsa", "-in", path_str(&d.join("sa.key"))?, "-pubout", "-out", path_str(&d.join("sa.pub"))?])?;
         let token = random_hex(32)?;
-        fs::write(d.join("tokens.csv"), format!("{token},admin,admin,system:masters\n"))?;
+        let operator_token = random_hex(32)?;
+        // The operator's user is in group `fhir-operator` only: what it may
+        // do is what RBAC bindings for that user or group grant.
+        fs::write(
+            d.join("tokens.csv"),
+            format!(
+                "{token},admin,admin,system:masters\n{operator_token},{OPERATOR_USER},{OPERATOR_USER},{OPERATOR_USER}\n"
+            ),
+        )?;
+        fs::write(d.join("audit-policy.yaml"), AUDIT_POLICY)?;
         fs::write(d.join(SOURCE_FILE), format!("{}\n", self.source))?;
 
         let [etcd_port, peer_port, api_port] = free_ports()?;
@@ -190,9 +216,14 @@ impl ControlPlane {
             .arg(format!("--service-account-key-file={}", d.join("sa.pub").display()))
             .arg(format!("--service-account-signing-key-file={}", d.join("sa.key").display()))
             .arg("--service-cluster-ip-range=10.0.0.0/24")
-            .arg("--allow-privileged=false");
+            .arg("--allow-privileged=false")
+            .arg(format!("--audit-policy-file={}", d.join("audit-policy.yaml").display()))
+            .arg(format!("--audit-log-path={}", d.join(AUDIT_LOG_FILE).display()))
+            .arg("--audit-log-format=json")
+            .arg("--audit-log-mode=blocking");
         let cert = d.join("certs").join("apiserver.crt");
         fs::write(&self.kubeconfig, kubeconfig(api_port, &cert, &token))?;
+        fs::write(d.join(OPERATOR_KUBECONFIG_FILE), kubeconfig(api_port, &cert, &operator_token))?;
         self.spawn("kube-apiserver", api)?;
         let kubeconfig = self.kubeconfig.clone();
         self.wait_until("kube-apiserver", Duration::from_secs(90), || cert.is_file() && apiserver_ready(&kubeconfig))?;
@@ -269,6 +300,14 @@ impl ControlPlane {
 
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    pub fn operator_kubeconfig(&self) -> PathBuf {
+        self.dir.join(OPERATOR_KUBECONFIG_FILE)
+    }
+
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join(AUDIT_LOG_FILE)
     }
 
     /// Where the binaries came from.

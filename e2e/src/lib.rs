@@ -9,6 +9,7 @@
 
 pub mod control_plane;
 pub mod examples;
+pub mod operator;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -28,6 +29,10 @@ use control_plane::{ControlPlane, Lifetime};
 pub struct TestCluster {
     kubeconfig: PathBuf,
     description: String,
+    /// The `fhir-operator` user's kubeconfig (own control planes only;
+    /// an existing cluster runs the operator with KUBECONFIG's identity).
+    operator_kubeconfig: PathBuf,
+    audit_log: Option<PathBuf>,
 }
 
 impl TestCluster {
@@ -45,6 +50,16 @@ impl TestCluster {
 
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    pub fn operator_kubeconfig(&self) -> &Path {
+        &self.operator_kubeconfig
+    }
+
+    /// The API server's audit log of the operator's requests, where the
+    /// harness started the API server (and so configured auditing).
+    pub fn audit_log(&self) -> Option<&Path> {
+        self.audit_log.as_deref()
     }
 }
 
@@ -71,14 +86,19 @@ fn pick_cluster() -> Result<TestCluster> {
         let source = std::env::var("FHIR_E2E_SOURCE").unwrap_or_else(|_| "existing cluster".to_owned());
         let description = format!("{source} (KUBECONFIG={})", kubeconfig.display());
         eprintln!("e2e: using {description}");
-        return Ok(TestCluster { kubeconfig, description });
+        return Ok(TestCluster { operator_kubeconfig: kubeconfig.clone(), kubeconfig, description, audit_log: None });
     }
     let plane = ControlPlane::start(None, Lifetime::Owned)?;
     let description = format!("control plane of this test process, {}", plane.source());
     eprintln!("e2e: started {description}");
-    let kubeconfig = plane.kubeconfig().to_owned();
+    let cluster = TestCluster {
+        kubeconfig: plane.kubeconfig().to_owned(),
+        description,
+        operator_kubeconfig: plane.operator_kubeconfig(),
+        audit_log: Some(plane.audit_log()),
+    };
     plane.stop_at_exit();
-    Ok(TestCluster { kubeconfig, description })
+    Ok(cluster)
 }
 
 /// A client from a kubeconfig file (its current context).
@@ -135,4 +155,96 @@ pub async fn namespace(client: &Client, prefix: &str) -> Result<String> {
     };
     let created = api.create(&PostParams::default(), &ns).await.context("creating a test namespace")?;
     created.metadata.name.context("namespace without a name")
+}
+
+/// Polls `check` every 100 ms until it yields a value or `timeout` passes;
+/// the error names what was awaited and the last thing seen.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::from("nothing yet");
+    loop {
+        match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Marks the pods matching `selector` Running and Ready (there is no
+/// kubelet), so that ReplicaSets and Deployments count them as available
+/// through the real controllers. Returns how many pods it marked.
+pub async fn mark_pods_ready(client: &Client, namespace: &str, selector: &str) -> Result<usize> {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{ListParams, Patch, PatchParams};
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let list = pods.list(&ListParams::default().labels(selector)).await?;
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let mut marked = 0;
+    for pod in list.items {
+        let ready = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        if ready || pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let status = serde_json::json!({"status": {
+            "phase": "Running",
+            "conditions": [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
+                {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+                {"type": "ContainersReady", "status": "True", "lastTransitionTime": now},
+                {"type": "Ready", "status": "True", "lastTransitionTime": now},
+            ],
+        }});
+        pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+        marked += 1;
+    }
+    Ok(marked)
+}
+
+/// Write requests (create, update, patch, delete) the operator made, from
+/// the audit log, as `verb resource namespace/name` lines.
+pub fn operator_writes(audit_log: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(audit_log).with_context(|| format!("reading {}", audit_log.display()))?;
+    let mut writes = Vec::new();
+    for line in text.lines() {
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let verb = event["verb"].as_str().unwrap_or_default();
+        if event["user"]["username"] != control_plane::OPERATOR_USER
+            || !matches!(verb, "create" | "update" | "patch" | "delete" | "deletecollection")
+        {
+            continue;
+        }
+        let o = &event["objectRef"];
+        writes.push(format!(
+            "{verb} {}{} {}/{}",
+            o["resource"].as_str().unwrap_or_default(),
+            o["subresource"].as_str().map(|s| format!("/{s}")).unwrap_or_default(),
+            o["namespace"].as_str().unwrap_or_default(),
+            o["name"].as_str().unwrap_or_default()
+        ));
+    }
+    Ok(writes)
+}
+
+/// Every request the operator made, from the audit log.
+pub fn operator_requests(audit_log: &Path) -> Result<usize> {
+    let text = std::fs::read_to_string(audit_log).with_context(|| format!("reading {}", audit_log.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["user"]["username"] == control_plane::OPERATOR_USER)
+        .count())
 }

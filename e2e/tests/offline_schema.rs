@@ -20,7 +20,12 @@ fn cel_errors(object: &Value, old: Option<&Value>) -> Vec<(String, String)> {
     let kind = object["kind"].as_str().expect("kind");
     match kube_cel::validate(&schema_for(kind), object, old) {
         Ok(()) => Vec::new(),
-        Err(errors) => errors.into_vec().into_iter().map(|e| (e.field_path, e.message)).collect(),
+        // A rule's own fieldPath comes back as written (`.metadata.name`).
+        Err(errors) => errors
+            .into_vec()
+            .into_iter()
+            .map(|e| (e.field_path.trim_start_matches('.').to_owned(), e.message))
+            .collect(),
     }
 }
 

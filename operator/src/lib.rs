@@ -2,5 +2,15 @@
 //! platform team would by hand.
 
 pub mod api;
+pub mod apply;
+pub mod conditions;
+pub mod discovery;
 pub mod fhirendpoint;
 pub mod gateway_metrics;
+pub mod meta;
+pub mod metrics;
+pub mod rbac;
+pub mod render;
+pub mod run;
+pub mod server;
+pub mod telemetry;

@@ -14,6 +14,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the controllers (the operator's main job).
+    Run(fhir_operator::run::RunArgs),
+    /// Print the children each FhirEndpoint in the files would get, offline.
+    Render(fhir_operator::render::RenderArgs),
     /// Sidecar: serve the gateway's access log as Prometheus metrics.
     GatewayMetrics(fhir_operator::gateway_metrics::Args),
     /// Print the CustomResourceDefinitions of every kind, as YAML.
@@ -28,7 +32,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Crds { out_dir } => print_crds(out_dir),
-        Command::GatewayMetrics(args) => block_on(fhir_operator::gateway_metrics::run(args)).map_err(|e| e.to_string()),
+        Command::Render(args) => {
+            fhir_operator::render::render(&args).map(|out| print!("{out}")).map_err(|e| e.to_string())
+        }
+        Command::Run(args) => block_on(fhir_operator::run::run(args)).map_err(|e| e.to_string()),
+        Command::GatewayMetrics(args) => block_on(async {
+            fhir_operator::telemetry::init();
+            fhir_operator::gateway_metrics::run(args).await
+        })
+        .map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -33,6 +33,9 @@ enum Cmd {
     /// Install (create or replace) the operator's CRDs into the recorded
     /// control plane and wait until they are established.
     Crds,
+    /// Bind the operator's RBAC rules to the `fhir-operator` token user and
+    /// print the path of that user's kubeconfig.
+    Rbac,
 }
 
 fn main() -> ExitCode {
@@ -52,7 +55,7 @@ fn current(dir: &std::path::Path) -> anyhow::Result<Option<PathBuf>> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let dir = cli.dir;
+    let dir = cli.dir.clone();
     match cli.command {
         Cmd::Up => {
             if let Some(running) = current(&dir)?
@@ -99,19 +102,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("export USE_EXISTING_CLUSTER=true");
             println!("export FHIR_E2E_SOURCE='local control plane, {}'", source.replace('\'', ""));
         }
-        Cmd::Crds => {
+        Cmd::Crds | Cmd::Rbac => {
             let running =
                 current(&dir)?.ok_or_else(|| anyhow::anyhow!("no control plane in {}; run `up`", dir.display()))?;
             let (kubeconfig, _) = control_plane::recorded(&running)?;
+            let rbac = matches!(cli.command, Cmd::Rbac);
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async {
                 let client = fhir_operator_e2e::client_for(&kubeconfig).await?;
-                fhir_operator_e2e::install_crds(&client).await
+                if rbac {
+                    fhir_operator_e2e::operator::grant_rbac(&client).await
+                } else {
+                    fhir_operator_e2e::install_crds(&client).await
+                }
             })?;
-            eprintln!(
-                "control-plane: CRDs installed: {}",
-                fhir_operator::api::crds().iter().map(|(s, _)| *s).collect::<Vec<_>>().join(", ")
-            );
+            if rbac {
+                eprintln!("control-plane: the fhir-operator user has the operator's RBAC rules");
+                println!("{}", dir.join("current").join(control_plane::OPERATOR_KUBECONFIG_FILE).display());
+            } else {
+                eprintln!(
+                    "control-plane: CRDs installed: {}",
+                    fhir_operator::api::crds().iter().map(|(s, _)| *s).collect::<Vec<_>>().join(", ")
+                );
+            }
         }
         Cmd::Status => match current(&dir)? {
             Some(running) => {

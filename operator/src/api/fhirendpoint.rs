@@ -52,7 +52,8 @@ pub const DEFAULT_SERVER_IMAGE: &str = "hapiproject/hapi:v7.4.0";
         json_path = ".status.complianceSummary",
         description = "HIPAA technical safeguards passing, of all measured"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 55").message("metadata.name must be a DNS label of at most 55 characters starting with a letter: it names the endpoint's Service and its children").field_path(".metadata.name")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FhirEndpointSpec {
@@ -262,11 +263,22 @@ pub struct MonitoringSpec {
     #[serde(default = "default_error_ratio")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub error_ratio: f64,
+    /// Who may scrape the gateway's metrics port. Default: pods labelled
+    /// `app.kubernetes.io/name: prometheus` in any namespace (what
+    /// prometheus-operator labels its Prometheus pods).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub scrape_from: Vec<AccessPeer>,
 }
 
 impl Default for MonitoringSpec {
     fn default() -> Self {
-        Self { enabled: true, latency_p99: default_latency(), error_ratio: default_error_ratio() }
+        Self {
+            enabled: true,
+            latency_p99: default_latency(),
+            error_ratio: default_error_ratio(),
+            scrape_from: Vec::new(),
+        }
     }
 }
 

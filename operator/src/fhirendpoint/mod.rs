@@ -1,5 +1,13 @@
 //! The FhirEndpoint controller: dereference → validate → build → apply →
 //! status, with `build` pure (no client, no clock).
 
+pub mod build;
+pub mod compliance;
+pub mod controller;
 pub mod gateway;
 pub mod monitoring;
+pub mod network;
+pub mod pod;
+pub mod reconcile;
+pub mod tls;
+pub mod validate;

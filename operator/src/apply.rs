@@ -1,0 +1,237 @@
+//! Server-side apply of children, and the caches that let a reconcile skip
+//! writes that would change nothing.
+//!
+//! Every child kind is watched once, filtered to objects the operator
+//! manages; the same stream fills a cache (a reflector store) and triggers
+//! reconciles of the owner. Cached objects are slimmed first: no
+//! managedFields, no Secret or ConfigMap data (key material never sits in
+//! the operator's memory longer than one apply), no Deployment spec.
+//!
+//! A child is written when it is missing from the cache, when its desired
+//! content changed, or when someone else changed it since the operator last
+//! wrote it (drift: a hand edit or deletion). "Since the operator last wrote
+//! it" is the child's [`ChildKind::observed_version`] as the API server
+//! returned it to the operator's last apply: the resourceVersion for most
+//! kinds, the generation for Deployments (whose status others write), the
+//! operator's own fields for ServiceAccounts (which Kubernetes amends). After a
+//! restart the operator re-applies every child once, which also puts back
+//! whatever drifted while it was down.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+
+use futures::Stream;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::meta::{APPLIED_HASH_ANNOTATION, MANAGED_SELECTOR, hash_of};
+
+/// A kind of child object the operator creates and caches.
+pub trait ChildKind:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + Serialize
+    + DeserializeOwned
+    + Debug
+    + Send
+    + Sync
+    + 'static
+{
+    /// What changes when someone else changes what the operator set:
+    /// by default the resourceVersion (any change at all).
+    fn observed_version(&self) -> String {
+        self.resource_version().unwrap_or_default()
+    }
+
+    /// Drops what the cache need not hold.
+    fn slim(&mut self) {}
+}
+
+impl ChildKind for ServiceAccount {
+    /// Kubernetes' token controller (before 1.24) adds `secrets` to every
+    /// ServiceAccount: not drift. What the operator sets is checked instead.
+    fn observed_version(&self) -> String {
+        hash_of(&(&self.automount_service_account_token, &self.metadata.labels, &self.metadata.annotations))
+    }
+}
+impl ChildKind for Service {}
+impl ChildKind for NetworkPolicy {}
+
+impl ChildKind for ConfigMap {
+    fn slim(&mut self) {
+        self.data = None;
+        self.binary_data = None;
+    }
+}
+
+impl ChildKind for Secret {
+    /// Keeps only the public certificate (`tls.crt`), which the TLS check
+    /// reads; never key material.
+    fn slim(&mut self) {
+        if let Some(data) = self.data.as_mut() {
+            data.retain(|k, _| k == "tls.crt");
+        }
+        self.string_data = None;
+    }
+}
+
+/// For kinds whose status other controllers write: a change of what the
+/// operator set bumps the generation, a status update does not.
+pub fn generation_version<K: Resource>(obj: &K) -> String {
+    obj.meta().generation.unwrap_or_default().to_string()
+}
+
+impl ChildKind for Deployment {
+    /// The deployment controller writes the status and a revision annotation.
+    fn observed_version(&self) -> String {
+        generation_version(self)
+    }
+
+    fn slim(&mut self) {
+        self.spec = None;
+    }
+}
+
+/// The cache of one child kind and the stream that fills it; poll the
+/// stream (e.g. hand it to `Controller::owns_stream`) or the cache stays empty.
+pub fn watch_children<K: ChildKind>(
+    api: Api<K>,
+) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + 'static) {
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default().labels(MANAGED_SELECTOR))
+        .default_backoff()
+        .modify(|obj: &mut K| {
+            obj.meta_mut().managed_fields = None;
+            obj.slim();
+        })
+        .reflect(writer)
+        .touched_objects();
+    (reader, stream)
+}
+
+/// What the operator last wrote to one child.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Written {
+    hash: String,
+    version: String,
+}
+
+/// What [`Applier::ensure`] did.
+#[derive(Debug)]
+pub enum Applied<K> {
+    /// Nothing to write: the cached object is as last applied.
+    Unchanged(Arc<K>),
+    /// Written, because it was missing, changed, or drifted; the API
+    /// server's answer.
+    Written { object: K, reason: WriteReason },
+}
+
+impl<K> Applied<K> {
+    pub fn written(&self) -> Option<WriteReason> {
+        match self {
+            Applied::Unchanged(_) => None,
+            Applied::Written { reason, .. } => Some(*reason),
+        }
+    }
+}
+
+impl<K: Clone> Applied<K> {
+    /// The object as the API server last showed it.
+    pub fn object(&self) -> K {
+        match self {
+            Applied::Unchanged(obj) => (**obj).clone(),
+            Applied::Written { object, .. } => object.clone(),
+        }
+    }
+}
+
+/// Why a child was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteReason {
+    /// Not in the cluster (new, or deleted by hand).
+    Missing,
+    /// The desired content changed (spec change, new config).
+    Changed,
+    /// Changed by someone else since the operator wrote it.
+    Drifted,
+    /// First write since the operator started.
+    Unknown,
+}
+
+/// Applies children with one field manager, remembering what it wrote.
+#[derive(Clone)]
+pub struct Applier {
+    client: Client,
+    params: PatchParams,
+    written: Arc<Mutex<HashMap<String, Written>>>,
+}
+
+impl Applier {
+    /// `field_manager` names the writer, e.g. `fhir-operator/fhirendpoint`.
+    pub fn new(client: Client, field_manager: &str) -> Self {
+        Self {
+            client,
+            params: PatchParams::apply(field_manager).force(),
+            written: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Makes the child look as desired, writing only when needed.
+    pub async fn ensure<K: ChildKind>(&self, cache: &Store<K>, mut desired: K) -> Result<Applied<K>, kube::Error> {
+        let hash = hash_of(&desired);
+        desired.annotations_mut().insert(APPLIED_HASH_ANNOTATION.to_owned(), hash.clone());
+        let name = desired.name_any();
+        let ns = desired.namespace().unwrap_or_default();
+        let key = format!("{}/{ns}/{name}", K::kind(&()));
+        let cached = cache.get(&ObjectRef::new(&name).within(&ns));
+        let last = self.written.lock().ok().and_then(|w| w.get(&key).cloned());
+        let reason = match (&cached, &last) {
+            (None, _) => WriteReason::Missing,
+            (Some(obj), _) if obj.annotations().get(APPLIED_HASH_ANNOTATION) != Some(&hash) => WriteReason::Changed,
+            (Some(_), None) => WriteReason::Unknown,
+            (Some(obj), Some(last)) if obj.observed_version() != last.version => WriteReason::Drifted,
+            (Some(obj), Some(_)) => return Ok(Applied::Unchanged(obj.clone())),
+        };
+        let api: Api<K> = Api::namespaced(self.client.clone(), &ns);
+        let object = api.patch(&name, &self.params, &Patch::Apply(&desired)).await?;
+        if let Ok(mut written) = self.written.lock() {
+            written.insert(key, Written { hash, version: object.observed_version() });
+        }
+        Ok(Applied::Written { object, reason })
+    }
+
+    /// Deletes a child the owner no longer wants, if the cache holds it.
+    /// Returns whether a delete was sent.
+    pub async fn remove<K: ChildKind>(
+        &self,
+        cache: &Store<K>,
+        namespace: &str,
+        name: &str,
+    ) -> Result<bool, kube::Error> {
+        if cache.get(&ObjectRef::new(name).within(namespace)).is_none() {
+            return Ok(false);
+        }
+        let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
+        match api.delete(name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+        if let Ok(mut written) = self.written.lock() {
+            written.remove(&format!("{}/{namespace}/{name}", K::kind(&())));
+        }
+        Ok(true)
+    }
+}

@@ -1,0 +1,276 @@
+//! `status.compliance`: one entry per HIPAA Security Rule technical
+//! safeguard (45 CFR 164.312), each with a status, a reason and the names
+//! of the objects that prove it. Pure: the reconciler gathers the facts.
+
+use k8s_openapi::jiff::Timestamp;
+
+use super::tls::CertInfo;
+use super::validate::Validated;
+use crate::api::{ComplianceCheck, ComplianceEntry, ComplianceStatus, SslMode};
+
+/// What the reconciler found out about the gateway's certificate.
+#[derive(Debug, Clone)]
+pub enum TlsFact {
+    Certificate {
+        secret: String,
+        info: CertInfo,
+    },
+    /// The Secret is missing or holds no readable certificate.
+    Unusable {
+        secret: String,
+        reason: String,
+    },
+}
+
+/// A KeyRotationSchedule the endpoint uses.
+#[derive(Debug, Clone)]
+pub struct KeyScheduleFact {
+    pub name: String,
+    pub found: bool,
+    pub suspended: bool,
+    /// The schedule's own verdict (its `Ready` condition), when it has one.
+    pub rotating: Option<bool>,
+    /// When its last rotation was due and did not happen, if it is overdue.
+    pub overdue_since: Option<Timestamp>,
+}
+
+/// The backup record for the endpoint.
+#[derive(Debug, Clone)]
+pub enum BackupFact {
+    NoPolicy,
+    Policy { name: String, last_success: Option<Timestamp>, current: Option<bool>, restore_verified: bool },
+}
+
+/// Facts the compliance checks read.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    pub now: Timestamp,
+    pub tls: TlsFact,
+    /// The NetworkPolicy applied for the endpoint.
+    pub network_policy: Option<String>,
+    /// The ConfigMap holding the gateway configuration (with its JSON access log).
+    pub gateway_config: String,
+    pub key_schedules: Vec<KeyScheduleFact>,
+    pub backup: BackupFact,
+    /// For an external database: whether its credentials Secret exists with
+    /// `username` and `password` (Err says what is wrong).
+    pub database_credentials: Option<Result<(), String>>,
+}
+
+fn entry(
+    name: ComplianceCheck,
+    status: ComplianceStatus,
+    reason: &str,
+    message: impl Into<String>,
+    evidence: Vec<String>,
+) -> ComplianceEntry {
+    let safeguard = match name {
+        ComplianceCheck::Tls => "164.312(e)(1)",
+        ComplianceCheck::NetworkIsolation => "164.312(a)(1)",
+        ComplianceCheck::KeyRotation => "164.312(d)",
+        ComplianceCheck::Backup => "164.312(c)(1)",
+        ComplianceCheck::AuditLog => "164.312(b)",
+        ComplianceCheck::Database => "164.312(a)(2)(iv)",
+    };
+    ComplianceEntry {
+        name,
+        safeguard: safeguard.into(),
+        status,
+        reason: reason.into(),
+        message: message.into(),
+        evidence,
+    }
+}
+
+use ComplianceStatus::{Fail, Pass, Unknown};
+
+/// Every compliance entry, in a fixed order.
+pub fn evaluate(v: &Validated<'_>, facts: &Facts) -> Vec<ComplianceEntry> {
+    let ns = &v.namespace;
+    vec![
+        tls(v, facts),
+        match &facts.network_policy {
+            Some(np) => entry(
+                ComplianceCheck::NetworkIsolation,
+                Pass,
+                "DefaultDeny",
+                "ingress and egress denied except clients, monitoring, DNS and the database",
+                vec![format!("NetworkPolicy/{ns}/{np}")],
+            ),
+            None => entry(
+                ComplianceCheck::NetworkIsolation,
+                Fail,
+                "NoNetworkPolicy",
+                "the NetworkPolicy is not in place yet",
+                vec![],
+            ),
+        },
+        key_rotation(ns, facts),
+        backup(ns, facts),
+        entry(
+            ComplianceCheck::AuditLog,
+            Pass,
+            "JsonAccessLog",
+            "the gateway logs every request as JSON with its client id, status and latency",
+            vec![format!("ConfigMap/{ns}/{}", facts.gateway_config)],
+        ),
+        database(v, facts),
+    ]
+}
+
+fn tls(v: &Validated<'_>, facts: &Facts) -> ComplianceEntry {
+    let ns = &v.namespace;
+    let (secret, info) = match &facts.tls {
+        TlsFact::Certificate { secret, info } => (secret, info),
+        TlsFact::Unusable { secret, reason } => {
+            return entry(
+                ComplianceCheck::Tls,
+                Fail,
+                "CertificateUnusable",
+                reason.clone(),
+                vec![format!("Secret/{ns}/{secret}")],
+            );
+        }
+    };
+    let mut evidence = vec![format!("Secret/{ns}/{secret}"), format!("ConfigMap/{ns}/{}", facts.gateway_config)];
+    if !info.valid_at(facts.now) {
+        return entry(
+            ComplianceCheck::Tls,
+            Fail,
+            "CertificateExpired",
+            format!("the gateway certificate is valid from {} to {}", info.not_before, info.not_after),
+            evidence,
+        );
+    }
+    if let Some(db) = &v.endpoint.spec.database {
+        evidence.push(format!("FhirEndpoint/{ns}/{}:spec.database.sslMode", v.name));
+        if !matches!(db.ssl_mode, SslMode::VerifyFull | SslMode::VerifyCa) {
+            return entry(
+                ComplianceCheck::Tls,
+                Fail,
+                "DatabaseNotVerified",
+                "the database connection does not verify the server's certificate (sslMode verify-full or verify-ca)",
+                evidence,
+            );
+        }
+    }
+    entry(
+        ComplianceCheck::Tls,
+        Pass,
+        "Tls13Only",
+        format!("the gateway accepts TLS 1.3 only; certificate valid until {}", info.not_after),
+        evidence,
+    )
+}
+
+fn key_rotation(ns: &str, facts: &Facts) -> ComplianceEntry {
+    let evidence: Vec<String> =
+        facts.key_schedules.iter().map(|k| format!("KeyRotationSchedule/{ns}/{}", k.name)).collect();
+    if facts.key_schedules.is_empty() {
+        return entry(
+            ComplianceCheck::KeyRotation,
+            Fail,
+            "NoKeySchedules",
+            "spec.auth.apiKeys names no KeyRotationSchedule: no client can authenticate",
+            evidence,
+        );
+    }
+    for k in &facts.key_schedules {
+        let (reason, message) = if !k.found {
+            ("KeyScheduleNotFound", format!("KeyRotationSchedule {} does not exist", k.name))
+        } else if k.suspended {
+            ("KeyScheduleSuspended", format!("KeyRotationSchedule {} is suspended", k.name))
+        } else if let Some(since) = k.overdue_since {
+            ("RotationOverdue", format!("KeyRotationSchedule {} has not rotated since {since}", k.name))
+        } else if k.rotating == Some(false) {
+            ("KeyScheduleNotReady", format!("KeyRotationSchedule {} is not Ready", k.name))
+        } else {
+            continue;
+        };
+        return entry(ComplianceCheck::KeyRotation, Fail, reason, message, evidence);
+    }
+    if facts.key_schedules.iter().any(|k| k.rotating.is_none()) {
+        return entry(
+            ComplianceCheck::KeyRotation,
+            Unknown,
+            "NotYetMeasured",
+            "a key schedule has not reported yet",
+            evidence,
+        );
+    }
+    entry(ComplianceCheck::KeyRotation, Pass, "RotatingOnSchedule", "every key schedule rotates on time", evidence)
+}
+
+fn backup(ns: &str, facts: &Facts) -> ComplianceEntry {
+    match &facts.backup {
+        BackupFact::NoPolicy => {
+            entry(ComplianceCheck::Backup, Fail, "NoBackupPolicy", "no BackupPolicy names this endpoint", vec![])
+        }
+        BackupFact::Policy { name, last_success, current, restore_verified } => {
+            let evidence = vec![format!("BackupPolicy/{ns}/{name}")];
+            match (current, last_success) {
+                (None, _) | (_, None) => {
+                    entry(ComplianceCheck::Backup, Unknown, "NotYetMeasured", "no backup has completed yet", evidence)
+                }
+                (Some(false), Some(t)) => entry(
+                    ComplianceCheck::Backup,
+                    Fail,
+                    "BackupStale",
+                    format!("last successful backup {t} is older than twice the schedule interval"),
+                    evidence,
+                ),
+                (Some(true), Some(_)) if !restore_verified => entry(
+                    ComplianceCheck::Backup,
+                    Fail,
+                    "RestoreNotVerified",
+                    "no restore drill verified a backup within its interval",
+                    evidence,
+                ),
+                (Some(true), Some(t)) => entry(
+                    ComplianceCheck::Backup,
+                    Pass,
+                    "BackupCurrent",
+                    format!("last successful backup {t}, restore verified"),
+                    evidence,
+                ),
+            }
+        }
+    }
+}
+
+fn database(v: &Validated<'_>, facts: &Facts) -> ComplianceEntry {
+    let ns = &v.namespace;
+    match (&v.endpoint.spec.database, &facts.database_credentials) {
+        (None, _) => entry(
+            ComplianceCheck::Database,
+            Fail,
+            "EmbeddedDatabase",
+            "the FHIR server uses its embedded database: not production-ready (data lives only as long as the pod)",
+            vec![format!("FhirEndpoint/{ns}/{}:spec.database", v.name)],
+        ),
+        (Some(db), credentials) => {
+            let evidence = vec![format!("Secret/{ns}/{}", db.credentials_secret)];
+            match credentials {
+                Some(Ok(())) => entry(
+                    ComplianceCheck::Database,
+                    Pass,
+                    "ExternalDatabase",
+                    format!("external PostgreSQL {}:{} with credentials from a Secret", db.host, db.port),
+                    evidence,
+                ),
+                Some(Err(reason)) => {
+                    entry(ComplianceCheck::Database, Fail, "CredentialsUnusable", reason.clone(), evidence)
+                }
+                None => {
+                    entry(ComplianceCheck::Database, Unknown, "NotYetMeasured", "credentials not checked yet", evidence)
+                }
+            }
+        }
+    }
+}
+
+/// `passing/all`, e.g. `5/6`, for the Compliance printer column.
+pub fn summary(entries: &[ComplianceEntry]) -> String {
+    let passing = entries.iter().filter(|e| e.status == Pass).count();
+    format!("{passing}/{}", entries.len())
+}

@@ -1,0 +1,269 @@
+//! Wires the FhirEndpoint controller. Per watched scope (all namespaces, or
+//! each listed namespace) one controller with its own caches: one watch per
+//! kind, filtered to what the operator manages for children, whose stream
+//! both fills the cache and triggers reconciles; tiers, key schedules and
+//! backup policies map to the endpoints that reference them.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::{Future, FutureExt, Stream, StreamExt, future};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::Api;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tracing::{info, warn};
+
+use super::build::Images;
+use super::monitoring::{PrometheusRule, ServiceMonitor};
+use super::reconcile::{self, Caches, Context};
+use crate::api::{BackupPolicy, FhirEndpoint, KeyRotationSchedule, RateLimitTier};
+use crate::apply::{Applier, ChildKind, generation_version, watch_children};
+use crate::conditions::Clock;
+use crate::discovery::{self, Capabilities, PdbApi, PodDisruptionBudgetV1beta1};
+use crate::metrics::SharedMetrics;
+
+// The disruption controller writes PDB status; custom resources bump their
+// generation only when what the operator set changes.
+impl ChildKind for PodDisruptionBudget {
+    fn observed_version(&self) -> String {
+        generation_version(self)
+    }
+}
+impl ChildKind for PodDisruptionBudgetV1beta1 {
+    fn observed_version(&self) -> String {
+        generation_version(self)
+    }
+}
+impl ChildKind for ServiceMonitor {
+    fn observed_version(&self) -> String {
+        generation_version(self)
+    }
+}
+impl ChildKind for PrometheusRule {
+    fn observed_version(&self) -> String {
+        generation_version(self)
+    }
+}
+
+/// Settings of the controller.
+#[derive(Clone)]
+pub struct Settings {
+    /// `None`: all namespaces; otherwise one controller per listed namespace.
+    pub namespaces: Option<Vec<String>>,
+    pub images: Images,
+    /// Reconciles running at once, per scope.
+    pub concurrency: u16,
+    /// How often optional APIs are rediscovered (a cluster may gain the
+    /// monitoring CRDs; their watches start at the next operator start).
+    pub discovery_interval: Duration,
+    /// The pod name, for events.
+    pub instance: Option<String>,
+}
+
+/// Shared by the controllers of every scope.
+#[derive(Clone)]
+pub struct Shared {
+    pub client: Client,
+    pub applier: Applier,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: SharedMetrics,
+    pub capabilities: Arc<RwLock<Capabilities>>,
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// A watched kind that is not a child: its own cache and trigger stream.
+fn related<K>(api: Api<K>) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + 'static)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(|obj: &mut K| obj.meta_mut().managed_fields = None)
+        .reflect(writer)
+        .touched_objects();
+    (reader, stream)
+}
+
+/// Endpoints (in `store`) whose spec names `matches`.
+fn referencing(store: &Store<FhirEndpoint>, matches: impl Fn(&FhirEndpoint) -> bool) -> Vec<ObjectRef<FhirEndpoint>> {
+    store.state().iter().filter(|ep| matches(ep)).map(|ep| ObjectRef::from_obj(ep.as_ref())).collect()
+}
+
+/// Runs the controller of one scope until `shutdown` completes.
+pub async fn run_scope(
+    shared: Shared,
+    settings: Settings,
+    namespace: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+    ready: impl FnOnce() + Send,
+) {
+    let client = shared.client.clone();
+    let ns = namespace.as_deref();
+    let caps = shared.capabilities.read().map(|c| *c).unwrap_or_default();
+
+    let (service_accounts, sa_stream) = watch_children(api::<ServiceAccount>(&client, ns));
+    let (config_maps, cm_stream) = watch_children(api::<ConfigMap>(&client, ns));
+    let (secrets, secret_stream) = watch_children(api::<Secret>(&client, ns));
+    let (deployments, deploy_stream) = watch_children(api::<Deployment>(&client, ns));
+    let (services, svc_stream) = watch_children(api::<Service>(&client, ns));
+    let (network_policies, np_stream) = watch_children(api::<NetworkPolicy>(&client, ns));
+    let (tiers, tier_stream) = related(Api::<RateLimitTier>::all(client.clone()));
+    let (key_schedules, krs_stream) = related(api::<KeyRotationSchedule>(&client, ns));
+    let (backups, backup_stream) = related(api::<BackupPolicy>(&client, ns));
+
+    let mut controller = Controller::new(api::<FhirEndpoint>(&client, ns), watcher::Config::default())
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(settings.concurrency)
+                .debounce(Duration::from_millis(200)),
+        )
+        .owns_stream(sa_stream)
+        .owns_stream(cm_stream)
+        .owns_stream(secret_stream)
+        .owns_stream(deploy_stream)
+        .owns_stream(svc_stream)
+        .owns_stream(np_stream);
+    let endpoints = controller.store();
+
+    let (pdbs, pdbs_v1beta1) = match caps.pdb {
+        PdbApi::V1 => {
+            let (store, stream) = watch_children(api::<PodDisruptionBudget>(&client, ns));
+            controller = controller.owns_stream(stream);
+            (Some(store), None)
+        }
+        PdbApi::V1beta1 => {
+            let (store, stream) = watch_children(api::<PodDisruptionBudgetV1beta1>(&client, ns));
+            controller = controller.owns_stream(stream);
+            (None, Some(store))
+        }
+        PdbApi::NotServed => (None, None),
+    };
+    let (service_monitors, prometheus_rules) = if caps.monitoring {
+        let (sm, sm_stream) = watch_children(api::<ServiceMonitor>(&client, ns));
+        let (pr, pr_stream) = watch_children(api::<PrometheusRule>(&client, ns));
+        controller = controller.owns_stream(sm_stream).owns_stream(pr_stream);
+        (Some(sm), Some(pr))
+    } else {
+        (None, None)
+    };
+
+    let by_tier = endpoints.clone();
+    let by_keys = endpoints.clone();
+    let by_backup = endpoints.clone();
+    let controller = controller
+        .watches_stream(tier_stream, move |tier: RateLimitTier| {
+            let name = tier.name_any();
+            referencing(&by_tier, |ep| ep.spec.rate_limit.as_ref().is_some_and(|r| r.tier == name))
+        })
+        .watches_stream(krs_stream, move |krs: KeyRotationSchedule| {
+            let (name, ns) = (krs.name_any(), krs.namespace());
+            referencing(&by_keys, |ep| ep.namespace() == ns && ep.spec.auth.api_keys.contains(&name))
+        })
+        .watches_stream(backup_stream, move |policy: BackupPolicy| {
+            let ns = policy.namespace();
+            referencing(&by_backup, |ep| ep.namespace() == ns && ep.name_any() == policy.spec.endpoint)
+        })
+        .graceful_shutdown_on(shutdown);
+
+    let caches = Caches {
+        tiers,
+        key_schedules,
+        backups,
+        service_accounts,
+        config_maps,
+        secrets,
+        deployments,
+        services,
+        network_policies,
+        pdbs,
+        pdbs_v1beta1,
+        service_monitors,
+        prometheus_rules,
+    };
+    let reporter = Reporter { controller: "fhir-operator".into(), instance: settings.instance.clone() };
+    let context = Arc::new(Context {
+        applier: shared.applier.clone(),
+        caches: caches.clone(),
+        capabilities: RwLock::new(caps),
+        images: settings.images.clone(),
+        clock: shared.clock.clone(),
+        metrics: shared.metrics.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+    });
+    let capabilities = shared.capabilities.clone();
+    let refresh_context = context.clone();
+
+    // Readiness: once every cache is filled (the streams start when the
+    // controller runs, so wait beside it).
+    let wait_for_caches = async move {
+        let c = &caches;
+        let waits = [
+            c.tiers.wait_until_ready().boxed(),
+            c.key_schedules.wait_until_ready().boxed(),
+            c.backups.wait_until_ready().boxed(),
+            c.service_accounts.wait_until_ready().boxed(),
+            c.config_maps.wait_until_ready().boxed(),
+            c.secrets.wait_until_ready().boxed(),
+            c.deployments.wait_until_ready().boxed(),
+            c.services.wait_until_ready().boxed(),
+            c.network_policies.wait_until_ready().boxed(),
+        ];
+        let _ = future::join_all(waits).await;
+        info!(scope = namespace.as_deref().unwrap_or("all namespaces"), "caches filled");
+        ready();
+        // Later capability changes (e.g. a PDB API) reach reconciles here.
+        loop {
+            tokio::time::sleep(settings.discovery_interval).await;
+            let now = capabilities.read().map(|c| *c).unwrap_or_default();
+            if let Ok(mut mine) = refresh_context.capabilities.write() {
+                *mine = Capabilities { monitoring: now.monitoring && caps.monitoring, pdb: now.pdb };
+            }
+        }
+    };
+    let run = controller.run(reconcile::reconcile, reconcile::error_policy, context).for_each(|result| async move {
+        if let Err(e) = result {
+            warn!(error = %e, "controller event");
+        }
+    });
+    tokio::select! {
+        _ = run => {}
+        _ = wait_for_caches => {}
+    }
+}
+
+/// Rediscovers optional APIs every `interval`, logging changes.
+pub async fn refresh_capabilities(client: Client, capabilities: Arc<RwLock<Capabilities>>, interval: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        match discovery::discover(&client).await {
+            Ok(found) => {
+                let changed = capabilities.read().map(|c| *c != found).unwrap_or(false);
+                if changed {
+                    info!(?found, "optional APIs changed; new watches start with the next operator start");
+                    if let Ok(mut c) = capabilities.write() {
+                        *c = found;
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "API discovery failed; keeping what was known"),
+        }
+    }
+}

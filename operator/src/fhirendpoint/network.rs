@@ -1,0 +1,128 @@
+//! The endpoint's Service and NetworkPolicy. The policy denies everything
+//! in and out by default, then allows: clients to the gateway (the own
+//! namespace and `spec.access.from`), monitoring scrapes of the metrics
+//! port, DNS, and the database port.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::build::selector_labels;
+use super::gateway;
+use super::validate::Validated;
+use crate::api::AccessPeer;
+
+/// Port clients use on the Service.
+pub const SERVICE_HTTPS_PORT: i32 = 443;
+
+/// The in-cluster URL of the endpoint.
+pub fn url(name: &str, namespace: &str) -> String {
+    format!("https://{name}.{namespace}.svc")
+}
+
+pub fn service(v: &Validated<'_>, metadata: ObjectMeta) -> Service {
+    Service {
+        metadata,
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector_labels(&v.name)),
+            ports: Some(vec![
+                ServicePort {
+                    name: Some("https".into()),
+                    port: SERVICE_HTTPS_PORT,
+                    target_port: Some(IntOrString::String("https".into())),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                },
+                ServicePort {
+                    name: Some("metrics".into()),
+                    port: gateway::METRICS_PORT.into(),
+                    target_port: Some(IntOrString::String("metrics".into())),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn tcp(port: i32) -> NetworkPolicyPort {
+    NetworkPolicyPort { port: Some(IntOrString::Int(port)), protocol: Some("TCP".into()), ..Default::default() }
+}
+
+fn peer(p: &AccessPeer) -> NetworkPolicyPeer {
+    NetworkPolicyPeer {
+        namespace_selector: p.namespace_selector.clone(),
+        pod_selector: p.pod_selector.clone(),
+        ..Default::default()
+    }
+}
+
+fn labelled(pairs: &[(&str, &str)]) -> LabelSelector {
+    let labels: BTreeMap<String, String> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    LabelSelector { match_labels: Some(labels), ..Default::default() }
+}
+
+/// Pods labelled as Prometheus by prometheus-operator, in any namespace.
+fn default_scrapers() -> NetworkPolicyPeer {
+    NetworkPolicyPeer {
+        namespace_selector: Some(LabelSelector::default()),
+        pod_selector: Some(labelled(&[("app.kubernetes.io/name", "prometheus")])),
+        ..Default::default()
+    }
+}
+
+pub fn network_policy(v: &Validated<'_>, metadata: ObjectMeta) -> NetworkPolicy {
+    let spec = &v.endpoint.spec;
+    // Clients: every pod of the endpoint's own namespace, plus the listed peers.
+    let mut clients = vec![NetworkPolicyPeer { pod_selector: Some(LabelSelector::default()), ..Default::default() }];
+    clients.extend(spec.access.from.iter().map(peer));
+    let scrapers = if spec.monitoring.scrape_from.is_empty() {
+        vec![default_scrapers()]
+    } else {
+        spec.monitoring.scrape_from.iter().map(peer).collect()
+    };
+    let ingress = vec![
+        NetworkPolicyIngressRule { from: Some(clients), ports: Some(vec![tcp(gateway::HTTPS_PORT.into())]) },
+        NetworkPolicyIngressRule { from: Some(scrapers), ports: Some(vec![tcp(gateway::METRICS_PORT.into())]) },
+    ];
+    let mut egress = vec![NetworkPolicyEgressRule {
+        to: Some(vec![NetworkPolicyPeer {
+            namespace_selector: Some(LabelSelector::default()),
+            pod_selector: Some(labelled(&[("k8s-app", "kube-dns")])),
+            ..Default::default()
+        }]),
+        ports: Some(vec![
+            NetworkPolicyPort { port: Some(IntOrString::Int(53)), protocol: Some("UDP".into()), ..Default::default() },
+            tcp(53),
+        ]),
+    }];
+    if let Some(db) = &spec.database {
+        // A host name cannot be a NetworkPolicy peer: allow the database
+        // port to any address, and nothing else.
+        egress.push(NetworkPolicyEgressRule {
+            to: Some(vec![NetworkPolicyPeer {
+                ip_block: Some(IPBlock { cidr: "0.0.0.0/0".into(), except: None }),
+                ..Default::default()
+            }]),
+            ports: Some(vec![tcp(db.port)]),
+        });
+    }
+    NetworkPolicy {
+        metadata,
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector { match_labels: Some(selector_labels(&v.name)), ..Default::default() }),
+            policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+            ingress: Some(ingress),
+            egress: Some(egress),
+        }),
+    }
+}

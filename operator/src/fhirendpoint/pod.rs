@@ -1,0 +1,310 @@
+//! The endpoint's Deployment: the FHIR server, the nginx gateway in front
+//! of it, and the gateway-metrics sidecar, every container meeting the Pod
+//! Security Standard "restricted".
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::build::{
+    CONFIG_HASH_ANNOTATION, Inputs, KEYS_HASH_ANNOTATION, NGINX_CONF_KEY, TLS_HASH_ANNOTATION, gateway_config_name,
+    selector_labels,
+};
+use super::gateway::{self, GatewaySettings, Limits};
+use super::validate::Validated;
+use crate::api::SslMode;
+use crate::meta::hash_of;
+
+/// The uid and gid every container runs as (the distroless "nonroot" id).
+pub const RUN_AS: i64 = 65532;
+
+const CONF_DIR: &str = "/etc/fhir-gateway/conf";
+const TLS_DIR: &str = "/etc/fhir-gateway/tls";
+const KEYS_DIR: &str = "/etc/fhir-gateway/keys";
+
+/// The gateway's settings inside the pod (the paths are this module's mounts).
+pub fn gateway_settings(limits: Limits) -> GatewaySettings {
+    GatewaySettings {
+        listen: gateway::HTTPS_PORT.to_string(),
+        upstream: format!("127.0.0.1:{}", gateway::UPSTREAM_PORT),
+        tls_certificate: format!("{TLS_DIR}/tls.crt"),
+        tls_certificate_key: format!("{TLS_DIR}/tls.key"),
+        // One directory per KeyRotationSchedule; a glob that matches no file
+        // is not an error for nginx, so an endpoint without keys still starts
+        // (and answers 401 to everyone).
+        api_keys_map: format!("{KEYS_DIR}/*/api-keys.map"),
+        temp_dir: "/tmp".into(),
+        access_log: "/dev/stdout".into(),
+        access_log_syslog: Some(gateway::SYSLOG_ADDRESS.into()),
+        limits,
+    }
+}
+
+/// The container security context of "restricted".
+pub fn restricted_container() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+        ..Default::default()
+    }
+}
+
+fn restricted_pod() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS),
+        run_as_group: Some(RUN_AS),
+        fs_group: Some(RUN_AS),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+        ..Default::default()
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.into()), value_from: None }
+}
+
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector { name: secret.into(), key: key.into(), optional: Some(false) }),
+            ..Default::default()
+        }),
+    }
+}
+
+fn mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount { name: name.into(), mount_path: path.into(), read_only: Some(true), ..Default::default() }
+}
+
+fn writable(name: &str, path: &str) -> VolumeMount {
+    VolumeMount { name: name.into(), mount_path: path.into(), ..Default::default() }
+}
+
+fn empty_dir(name: &str) -> Volume {
+    Volume { name: name.into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() }
+}
+
+fn port(name: &str, number: u16) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: number.into(),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+fn http_probe(path: &str, port: &str, scheme: &str, initial_delay: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(port.into()),
+            scheme: Some(scheme.into()),
+            ..Default::default()
+        }),
+        initial_delay_seconds: Some(initial_delay),
+        period_seconds: Some(10),
+        failure_threshold: Some(failure_threshold),
+        ..Default::default()
+    }
+}
+
+fn resources(requests: &[(&str, &str)], limits: &[(&str, &str)]) -> ResourceRequirements {
+    let map =
+        |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| ((*k).to_owned(), Quantity((*v).to_owned()))).collect();
+    ResourceRequirements { requests: Some(map(requests)), limits: Some(map(limits)), ..Default::default() }
+}
+
+fn ssl_mode(mode: SslMode) -> &'static str {
+    match mode {
+        SslMode::Disable => "disable",
+        SslMode::Require => "require",
+        SslMode::VerifyCa => "verify-ca",
+        SslMode::VerifyFull => "verify-full",
+    }
+}
+
+fn fhir_server(v: &Validated<'_>) -> (Container, Vec<Volume>) {
+    let spec = &v.endpoint.spec;
+    let version = serde_json::to_value(spec.server.fhir_version).ok().and_then(|j| j.as_str().map(str::to_owned));
+    let mut vars = vec![
+        env("HAPI_FHIR_FHIR_VERSION", version.unwrap_or_else(|| "R4".into())),
+        env("JAVA_TOOL_OPTIONS", "-Djava.io.tmpdir=/tmp -XX:MaxRAMPercentage=75"),
+    ];
+    let mut mounts = vec![writable("server-tmp", "/tmp")];
+    let mut volumes = vec![empty_dir("server-tmp")];
+    match &spec.database {
+        Some(db) => vars.extend([
+            env(
+                "SPRING_DATASOURCE_URL",
+                format!("jdbc:postgresql://{}:{}/{}?sslmode={}", db.host, db.port, db.name, ssl_mode(db.ssl_mode)),
+            ),
+            secret_env("SPRING_DATASOURCE_USERNAME", &db.credentials_secret, "username"),
+            secret_env("SPRING_DATASOURCE_PASSWORD", &db.credentials_secret, "password"),
+            env("SPRING_DATASOURCE_DRIVERCLASSNAME", "org.postgresql.Driver"),
+            env("SPRING_JPA_PROPERTIES_HIBERNATE_DIALECT", "ca.uhn.fhir.jpa.model.dialect.HapiFhirPostgresDialect"),
+        ]),
+        None => {
+            // The embedded database writes under the working directory; on
+            // an emptyDir its data lives only as long as the pod (status
+            // reports it as not production-ready).
+            mounts.push(writable("embedded-database", "/app/target"));
+            volumes.push(empty_dir("embedded-database"));
+        }
+    }
+    vars.extend(spec.server.env.iter().cloned());
+    let container = Container {
+        name: "fhir-server".into(),
+        image: Some(spec.server.image.clone()),
+        ports: Some(vec![port("fhir", gateway::UPSTREAM_PORT)]),
+        env: Some(vars),
+        resources: Some(
+            spec.server
+                .resources
+                .clone()
+                .unwrap_or_else(|| resources(&[("cpu", "500m"), ("memory", "1Gi")], &[("memory", "2Gi")])),
+        ),
+        // A JVM server takes a while to start: the startup probe allows up
+        // to 5 minutes before liveness counts.
+        startup_probe: Some(http_probe("/fhir/metadata", "fhir", "HTTP", 20, 28)),
+        readiness_probe: Some(http_probe("/fhir/metadata", "fhir", "HTTP", 0, 3)),
+        liveness_probe: Some(http_probe("/fhir/metadata", "fhir", "HTTP", 0, 6)),
+        security_context: Some(restricted_container()),
+        volume_mounts: Some(mounts),
+        ..Default::default()
+    };
+    (container, volumes)
+}
+
+fn gateway_container(image: &str, inputs: &Inputs) -> Container {
+    let mut mounts =
+        vec![mount("gateway-config", CONF_DIR), mount("gateway-tls", TLS_DIR), writable("gateway-tmp", "/tmp")];
+    mounts.extend(inputs.keys.iter().map(|k| mount(&key_volume(&k.schedule), &format!("{KEYS_DIR}/{}", k.schedule))));
+    Container {
+        name: "gateway".into(),
+        image: Some(image.into()),
+        command: Some(vec!["nginx".into()]),
+        args: Some(vec!["-c".into(), format!("{CONF_DIR}/{NGINX_CONF_KEY}"), "-g".into(), "daemon off;".into()]),
+        ports: Some(vec![port("https", gateway::HTTPS_PORT)]),
+        resources: Some(resources(&[("cpu", "100m"), ("memory", "64Mi")], &[("memory", "256Mi")])),
+        readiness_probe: Some(http_probe("/healthz", "https", "HTTPS", 0, 3)),
+        liveness_probe: Some(http_probe("/healthz", "https", "HTTPS", 10, 6)),
+        security_context: Some(restricted_container()),
+        volume_mounts: Some(mounts),
+        ..Default::default()
+    }
+}
+
+fn metrics_container(image: &str) -> Container {
+    Container {
+        name: "gateway-metrics".into(),
+        image: Some(image.into()),
+        args: Some(vec!["gateway-metrics".into(), "--tls-certificate".into(), format!("{TLS_DIR}/tls.crt")]),
+        ports: Some(vec![port("metrics", gateway::METRICS_PORT)]),
+        resources: Some(resources(&[("cpu", "20m"), ("memory", "32Mi")], &[("memory", "64Mi")])),
+        readiness_probe: Some(http_probe("/healthz", "metrics", "HTTP", 0, 3)),
+        security_context: Some(restricted_container()),
+        volume_mounts: Some(vec![mount("gateway-tls", TLS_DIR)]),
+        ..Default::default()
+    }
+}
+
+fn key_volume(schedule: &str) -> String {
+    format!("keys-{schedule}")
+}
+
+/// Files from Secrets are readable by the pod's group only.
+const SECRET_MODE: i32 = 0o440;
+
+/// The endpoint's Deployment.
+pub fn deployment(v: &Validated<'_>, metadata: ObjectMeta, inputs: &Inputs, config_hash: &str) -> Deployment {
+    let (server, mut volumes) = fhir_server(v);
+    volumes.extend([
+        Volume {
+            name: "gateway-config".into(),
+            config_map: Some(ConfigMapVolumeSource { name: gateway_config_name(&v.name), ..Default::default() }),
+            ..Default::default()
+        },
+        Volume {
+            name: "gateway-tls".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(inputs.tls_secret.clone()),
+                default_mode: Some(SECRET_MODE),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        empty_dir("gateway-tmp"),
+    ]);
+    volumes.extend(inputs.keys.iter().map(|k| Volume {
+        name: key_volume(&k.schedule),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(k.secret_name.clone()),
+            default_mode: Some(SECRET_MODE),
+            // The schedule's controller creates the Secret; until it does,
+            // the gateway starts and refuses that schedule's clients.
+            optional: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }));
+    let fingerprints: Vec<(&str, &str)> =
+        inputs.keys.iter().map(|k| (k.schedule.as_str(), k.versions_fingerprint.as_str())).collect();
+    let annotations = BTreeMap::from([
+        (CONFIG_HASH_ANNOTATION.to_owned(), config_hash.to_owned()),
+        (TLS_HASH_ANNOTATION.to_owned(), inputs.tls_fingerprint.clone()),
+        (KEYS_HASH_ANNOTATION.to_owned(), hash_of(&fingerprints)),
+    ]);
+    let selector = selector_labels(&v.name);
+    Deployment {
+        metadata,
+        spec: Some(DeploymentSpec {
+            replicas: Some(v.endpoint.spec.server.replicas),
+            revision_history_limit: Some(3),
+            selector: LabelSelector { match_labels: Some(selector.clone()), ..Default::default() },
+            // Never fewer serving pods than asked for during a rollout: a
+            // key rotation or config change must not cause downtime.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::Int(1)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(selector),
+                    annotations: Some(annotations),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(v.name.clone()),
+                    automount_service_account_token: Some(false),
+                    security_context: Some(restricted_pod()),
+                    containers: vec![
+                        server,
+                        gateway_container(&inputs.images.gateway, inputs),
+                        metrics_container(&inputs.images.metrics),
+                    ],
+                    volumes: Some(volumes),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}

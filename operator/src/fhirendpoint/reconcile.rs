@@ -1,0 +1,620 @@
+//! One reconciliation of a FhirEndpoint: dereference → validate → build →
+//! apply → status. Writes only what changed; status only when it changed.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, instrument, warn};
+
+use super::build::{self, Children, Images, Inputs, KeySource};
+use super::compliance::{self, BackupFact, Facts, KeyScheduleFact, TlsFact};
+use super::monitoring::{PrometheusRule, ServiceMonitor};
+use super::validate::{InvalidSpec, Validated, validate};
+use super::{network, tls};
+use crate::api::{
+    BackupPolicy, FhirEndpoint, FhirEndpointStatus, KeyAlgorithm, KeyRotationSchedule, KeyVersionsInForce,
+    RateLimitTier, condition, reason,
+};
+use crate::apply::{Applied, Applier, ChildKind, WriteReason};
+use crate::conditions::{self, Clock, Desired};
+use crate::discovery::{Capabilities, PdbApi, PodDisruptionBudgetV1beta1};
+use crate::meta::{child_meta, hash_of, owner_ref};
+use crate::metrics::{SharedMetrics, WriteLabels};
+
+/// The field manager of this controller's writes.
+pub const FIELD_MANAGER: &str = "fhir-operator/fhirendpoint";
+pub const CONTROLLER: &str = "fhirendpoint";
+
+/// Reasons of this controller's conditions and events.
+pub mod reasons {
+    pub const AVAILABLE: &str = "Available";
+    pub const ROLLING_OUT: &str = "RollingOut";
+    pub const TIER_NOT_FOUND: &str = "TierNotFound";
+    pub const KEY_SCHEDULE_NOT_FOUND: &str = "KeyScheduleNotFound";
+    pub const TLS_SECRET_UNUSABLE: &str = "TlsSecretUnusable";
+    pub const MONITORING_NOT_SERVED: &str = "MonitoringNotServed";
+    pub const PDB_NOT_SERVED: &str = "PodDisruptionBudgetNotServed";
+    pub const AS_EXPECTED: &str = "AsExpected";
+    pub const CREATED: &str = "Created";
+    pub const UPDATED: &str = "Updated";
+    pub const DRIFT_CORRECTED: &str = "DriftCorrected";
+    pub const CERTIFICATE_ISSUED: &str = "CertificateIssued";
+}
+
+/// The caches a reconcile reads instead of asking the API server.
+#[derive(Clone)]
+pub struct Caches {
+    pub tiers: Store<RateLimitTier>,
+    pub key_schedules: Store<KeyRotationSchedule>,
+    pub backups: Store<BackupPolicy>,
+    pub service_accounts: Store<ServiceAccount>,
+    pub config_maps: Store<ConfigMap>,
+    pub secrets: Store<Secret>,
+    pub deployments: Store<Deployment>,
+    pub services: Store<Service>,
+    pub network_policies: Store<NetworkPolicy>,
+    pub pdbs: Option<Store<PodDisruptionBudget>>,
+    pub pdbs_v1beta1: Option<Store<PodDisruptionBudgetV1beta1>>,
+    pub service_monitors: Option<Store<ServiceMonitor>>,
+    pub prometheus_rules: Option<Store<PrometheusRule>>,
+}
+
+/// Shared by every reconcile of this controller.
+pub struct Context {
+    pub applier: Applier,
+    pub caches: Caches,
+    pub capabilities: RwLock<Capabilities>,
+    pub images: Images,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: SharedMetrics,
+    pub recorder: Recorder,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading {what}: {source}")]
+    Dereference { what: String, source: kube::Error },
+    #[error("applying {kind} {name}: {source}")]
+    Apply { kind: String, name: String, source: kube::Error },
+    #[error("deleting {kind} {name}: {source}")]
+    Remove { kind: String, name: String, source: kube::Error },
+    #[error("writing status: {0}")]
+    Status(kube::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+impl Error {
+    /// The metric category.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Dereference { .. } => "dereference",
+            Error::Apply { .. } | Error::Remove { .. } => "apply",
+            Error::Status(_) => "status",
+            Error::Tls(_) => "tls",
+        }
+    }
+}
+
+/// After a failed reconcile: count it and retry soon.
+pub fn error_policy(endpoint: Arc<FhirEndpoint>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.error(CONTROLLER, error.category());
+    warn!(namespace = endpoint.namespace().unwrap_or_default(), name = endpoint.name_any(), %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(10))
+}
+
+#[instrument(skip_all, fields(kind = "FhirEndpoint", namespace = %ep.namespace().unwrap_or_default(), name = %ep.name_any(), generation = ep.metadata.generation.unwrap_or_default()))]
+pub async fn reconcile(ep: Arc<FhirEndpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = run(&ep, &ctx).await;
+    ctx.metrics.observe(CONTROLLER, started.elapsed());
+    result
+}
+
+/// Why the endpoint cannot be configured as asked (the rest keeps serving).
+struct Blocked {
+    reason: &'static str,
+    message: String,
+}
+
+async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
+    let now = ctx.clock.now();
+    let v = match validate(ep) {
+        Ok(v) => v,
+        Err(invalid) => return refuse(ep, ctx, invalid, now).await,
+    };
+    let capabilities = ctx.capabilities.read().map(|c| *c).unwrap_or_default();
+
+    // Dereference.
+    let tier = match &ep.spec.rate_limit {
+        Some(r) => match ctx.caches.tiers.get(&ObjectRef::new(&r.tier)) {
+            Some(t) => Some(t.spec.clone()),
+            None => {
+                let blocked = Blocked {
+                    reason: reasons::TIER_NOT_FOUND,
+                    message: format!("RateLimitTier {:?} (spec.rateLimit.tier) does not exist", r.tier),
+                };
+                return block(&v, ctx, blocked, now).await;
+            }
+        },
+        None => None,
+    };
+    let (keys, key_facts, key_versions) = match key_sources(&v, &ctx.caches.key_schedules) {
+        Ok(found) => found,
+        Err(invalid) => return refuse(ep, ctx, invalid, now).await,
+    };
+    let owner = owner_ref(ep);
+    let (tls_secret, tls_fact, renew_at) = certificate(&v, ctx, &owner, now).await?;
+    let tls_fingerprint = match &tls_fact {
+        TlsFact::Certificate { info, .. } => info.fingerprint.clone(),
+        TlsFact::Unusable { .. } => String::new(),
+    };
+    let database_credentials = database_credentials(&v, ctx).await?;
+
+    // Build, apply.
+    let inputs = Inputs { tier, keys, tls_secret, tls_fingerprint, capabilities, images: ctx.images.clone() };
+    let children = match build::build(&v, owner, &inputs) {
+        Ok(children) => children,
+        // Only a tier's limits can be inexpressible (the endpoint's own
+        // fields are validated): name the reference.
+        Err(e) => {
+            let field = if ep.spec.rate_limit.is_some() { "spec.rateLimit.tier" } else { "spec" };
+            return refuse(ep, ctx, InvalidSpec { field: field.into(), message: e.to_string() }, now).await;
+        }
+    };
+    let applied = apply(ep, &v, ctx, children).await?;
+
+    // Status.
+    let facts = Facts {
+        now,
+        tls: tls_fact,
+        network_policy: Some(applied.network_policy.clone()),
+        gateway_config: build::gateway_config_name(&v.name),
+        key_schedules: key_facts,
+        backup: backup_fact(&v, &ctx.caches.backups),
+        database_credentials,
+    };
+    let compliance = compliance::evaluate(&v, &facts);
+    let mut status = ep.status.clone().unwrap_or_default();
+    let generation = ep.metadata.generation;
+    status.observed_generation = generation;
+    status.url = Some(network::url(&v.name, &v.namespace));
+    let deployment = applied.deployment.status.clone().unwrap_or_default();
+    status.replicas = Some(deployment.replicas.unwrap_or(0));
+    status.ready_replicas = Some(deployment.ready_replicas.unwrap_or(0));
+    status.key_versions = key_versions;
+    status.compliance_summary = Some(compliance::summary(&compliance));
+    status.compliance = compliance;
+
+    let wanted = ep.spec.server.replicas;
+    let rolled_out = applied.deployment.metadata.generation <= deployment.observed_generation
+        && deployment.updated_replicas.unwrap_or(0) >= wanted
+        && deployment.ready_replicas.unwrap_or(0) >= wanted
+        && deployment.available_replicas.unwrap_or(0) >= wanted;
+    let missing_key_schedule = facts.key_schedules.iter().find(|k| !k.found).map(|k| k.name.clone());
+    let ready = match (&facts.tls, &missing_key_schedule) {
+        (TlsFact::Unusable { reason, .. }, _) => {
+            Desired::new(condition::READY, false, reasons::TLS_SECRET_UNUSABLE, reason.clone())
+        }
+        (_, Some(name)) => Desired::new(
+            condition::READY,
+            false,
+            reasons::KEY_SCHEDULE_NOT_FOUND,
+            format!("KeyRotationSchedule {name:?} (spec.auth.apiKeys) does not exist"),
+        ),
+        _ if rolled_out => {
+            Desired::new(condition::READY, true, reasons::AVAILABLE, format!("{wanted} of {wanted} replicas ready"))
+        }
+        _ => Desired::new(
+            condition::READY,
+            false,
+            reasons::ROLLING_OUT,
+            format!("{} of {wanted} replicas ready", deployment.ready_replicas.unwrap_or(0)),
+        ),
+    };
+    conditions::set(&mut status.conditions, ready, generation, now);
+    let progressing = if rolled_out {
+        Desired::new(condition::PROGRESSING, false, reasons::AVAILABLE, "rollout complete")
+    } else {
+        Desired::new(condition::PROGRESSING, true, reasons::ROLLING_OUT, "waiting for the Deployment's replicas")
+    };
+    conditions::set(&mut status.conditions, progressing, generation, now);
+    let degraded = degraded(&v, capabilities);
+    conditions::set(&mut status.conditions, degraded, generation, now);
+    write_status(ep, ctx, status).await?;
+
+    Ok(match renew_at {
+        Some(at) => Action::requeue(until(now, at)),
+        None => Action::await_change(),
+    })
+}
+
+fn until(now: Timestamp, at: Timestamp) -> Duration {
+    let wait = at.duration_since(now).as_secs().max(1) as u64;
+    // Requeue at least daily: long timers drift, and the answer is cheap.
+    Duration::from_secs(wait.min(24 * 3600))
+}
+
+fn degraded(v: &Validated<'_>, caps: Capabilities) -> Desired<'static> {
+    let spec = &v.endpoint.spec;
+    if spec.monitoring.enabled && !caps.monitoring {
+        return Desired::new(
+            condition::DEGRADED,
+            true,
+            reasons::MONITORING_NOT_SERVED,
+            "monitoring.coreos.com/v1 is not served: no ServiceMonitor or PrometheusRule \
+             (install prometheus-operator, or set spec.monitoring.enabled: false)",
+        );
+    }
+    if spec.server.replicas > 1 && caps.pdb == PdbApi::NotServed {
+        return Desired::new(
+            condition::DEGRADED,
+            true,
+            reasons::PDB_NOT_SERVED,
+            "no PodDisruptionBudget API is served: voluntary disruptions are not limited",
+        );
+    }
+    Desired::new(condition::DEGRADED, false, reasons::AS_EXPECTED, "every optional API the endpoint uses is served")
+}
+
+/// Records an invalid spec: Ready=False with the field, an event, nothing applied.
+async fn refuse(ep: &FhirEndpoint, ctx: &Context, invalid: InvalidSpec, now: Timestamp) -> Result<Action, Error> {
+    ctx.metrics.invalid_specs.get_or_create(&crate::metrics::ControllerLabels { controller: CONTROLLER }).inc();
+    let mut status = ep.status.clone().unwrap_or_default();
+    let generation = ep.metadata.generation;
+    status.observed_generation = generation;
+    let message = invalid.to_string();
+    let changed = !status.conditions.iter().any(|c| c.type_ == condition::READY && c.message == message);
+    conditions::set(
+        &mut status.conditions,
+        Desired::new(condition::READY, false, reason::INVALID_SPEC, message.clone()),
+        generation,
+        now,
+    );
+    conditions::set(
+        &mut status.conditions,
+        Desired::new(condition::PROGRESSING, false, reason::INVALID_SPEC, "waiting for a valid spec"),
+        generation,
+        now,
+    );
+    if changed {
+        publish(ctx, ep, EventType::Warning, reason::INVALID_SPEC, message).await;
+    }
+    write_status(ep, ctx, status).await?;
+    Ok(Action::await_change())
+}
+
+/// Records a missing dependency: Ready=False, Degraded=True, nothing changed.
+async fn block(v: &Validated<'_>, ctx: &Context, blocked: Blocked, now: Timestamp) -> Result<Action, Error> {
+    let ep = v.endpoint;
+    let mut status = ep.status.clone().unwrap_or_default();
+    let generation = ep.metadata.generation;
+    status.observed_generation = generation;
+    let changed = !status.conditions.iter().any(|c| c.type_ == condition::READY && c.reason == blocked.reason);
+    conditions::set(
+        &mut status.conditions,
+        Desired::new(condition::READY, false, blocked.reason, blocked.message.clone()),
+        generation,
+        now,
+    );
+    conditions::set(
+        &mut status.conditions,
+        Desired::new(condition::DEGRADED, true, blocked.reason, blocked.message.clone()),
+        generation,
+        now,
+    );
+    if changed {
+        publish(ctx, ep, EventType::Warning, blocked.reason, blocked.message).await;
+    }
+    write_status(ep, ctx, status).await?;
+    // The missing object's watch triggers the next reconcile.
+    Ok(Action::await_change())
+}
+
+type KeyLookups = (Vec<KeySource>, Vec<KeyScheduleFact>, Vec<KeyVersionsInForce>);
+
+fn key_sources(v: &Validated<'_>, schedules: &Store<KeyRotationSchedule>) -> Result<KeyLookups, InvalidSpec> {
+    let mut sources = Vec::new();
+    let mut facts = Vec::new();
+    let mut versions = Vec::new();
+    for (i, name) in v.endpoint.spec.auth.api_keys.iter().enumerate() {
+        let Some(krs) = schedules.get(&ObjectRef::new(name).within(&v.namespace)) else {
+            facts.push(KeyScheduleFact {
+                name: name.clone(),
+                found: false,
+                suspended: false,
+                rotating: None,
+                overdue_since: None,
+            });
+            continue;
+        };
+        if krs.spec.algorithm != KeyAlgorithm::ApiKey {
+            return Err(InvalidSpec {
+                field: format!("spec.auth.apiKeys[{i}]"),
+                message: format!(
+                    "KeyRotationSchedule {name:?} has algorithm {:?}; the gateway needs api-key",
+                    krs.spec.algorithm
+                ),
+            });
+        }
+        let status = krs.status.clone().unwrap_or_default();
+        let in_force: Vec<i64> = status.versions.iter().map(|k| k.version).collect();
+        sources.push(KeySource {
+            schedule: name.clone(),
+            secret_name: krs.spec.secret_name.clone().unwrap_or_else(|| format!("{name}-keys")),
+            versions_fingerprint: hash_of(&in_force),
+        });
+        let ready = status.conditions.iter().find(|c| c.type_ == condition::READY).map(|c| c.status == "True");
+        facts.push(KeyScheduleFact {
+            name: name.clone(),
+            found: true,
+            suspended: krs.spec.suspend,
+            rotating: ready,
+            overdue_since: None,
+        });
+        if !in_force.is_empty() {
+            versions.push(KeyVersionsInForce { schedule: name.clone(), versions: in_force });
+        }
+    }
+    Ok((sources, facts, versions))
+}
+
+fn backup_fact(v: &Validated<'_>, backups: &Store<BackupPolicy>) -> BackupFact {
+    let mut policies: Vec<Arc<BackupPolicy>> = backups
+        .state()
+        .into_iter()
+        .filter(|b| b.namespace().as_deref() == Some(v.namespace.as_str()) && b.spec.endpoint == v.name)
+        .collect();
+    policies.sort_by_key(|b| b.name_any());
+    let Some(policy) = policies.first() else { return BackupFact::NoPolicy };
+    let status = policy.status.clone().unwrap_or_default();
+    let succeeded = status.conditions.iter().find(|c| c.type_ == "LastBackupSucceeded").map(|c| c.status == "True");
+    BackupFact::Policy {
+        name: policy.name_any(),
+        last_success: status.last_successful_backup.map(|b| b.time.0),
+        current: succeeded,
+        restore_verified: status.last_verified_restore.is_some(),
+    }
+}
+
+/// The gateway's certificate: the user's Secret, or one the operator
+/// issues and renews. Returns the Secret's name, what it holds, and when
+/// to look again.
+async fn certificate(
+    v: &Validated<'_>,
+    ctx: &Context,
+    owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+    now: Timestamp,
+) -> Result<(String, TlsFact, Option<Timestamp>), Error> {
+    if let Some(user) = &v.endpoint.spec.tls {
+        let api: Api<Secret> = Api::namespaced(ctx.applier.client().clone(), &v.namespace);
+        let secret = api
+            .get_opt(&user.secret_name)
+            .await
+            .map_err(|source| Error::Dereference { what: format!("Secret {}", user.secret_name), source })?;
+        let fact = match secret.as_ref().map(tls::inspect) {
+            Some(Ok(info)) => TlsFact::Certificate { secret: user.secret_name.clone(), info },
+            Some(Err(e)) => TlsFact::Unusable { secret: user.secret_name.clone(), reason: e.to_string() },
+            None => TlsFact::Unusable {
+                secret: user.secret_name.clone(),
+                reason: format!("Secret {:?} (spec.tls.secretName) does not exist", user.secret_name),
+            },
+        };
+        let recheck = match &fact {
+            TlsFact::Certificate { info, .. } => Some(info.not_after.min(now + SignedDuration::from_hours(24))),
+            TlsFact::Unusable { .. } => None,
+        };
+        return Ok((user.secret_name.clone(), fact, recheck));
+    }
+    let name = build::self_issued_tls_name(&v.name);
+    let names = tls::dns_names(&v.name, &v.namespace);
+    let cached = ctx.caches.secrets.get(&ObjectRef::new(&name).within(&v.namespace));
+    let current = cached.as_deref().and_then(|s| tls::inspect(s).ok());
+    let info = if tls::needs_issuing(current.as_ref(), &names, now) {
+        let (cert, key) = tls::issue(&names, now)?;
+        let meta = child_meta(name.clone(), &v.namespace, &build::labels(&v.name), owner.clone());
+        let applied = ctx
+            .applier
+            .ensure(&ctx.caches.secrets, tls::secret(meta, cert, key))
+            .await
+            .map_err(|source| Error::Apply { kind: "Secret".into(), name: name.clone(), source })?;
+        let info = tls::inspect(&applied.object())?;
+        info!(secret = %name, not_after = %info.not_after, "issued the gateway certificate");
+        publish(
+            ctx,
+            v.endpoint,
+            EventType::Normal,
+            reasons::CERTIFICATE_ISSUED,
+            format!("Secret {name}: self-signed, valid until {}", info.not_after),
+        )
+        .await;
+        info
+    } else {
+        current.ok_or_else(|| tls::TlsError::MissingCertificate(name.clone()))?
+    };
+    let renew = tls::renewal_due(&info);
+    Ok((name.clone(), TlsFact::Certificate { secret: name, info }, Some(renew)))
+}
+
+async fn database_credentials(v: &Validated<'_>, ctx: &Context) -> Result<Option<Result<(), String>>, Error> {
+    let Some(db) = &v.endpoint.spec.database else { return Ok(None) };
+    let api: Api<Secret> = Api::namespaced(ctx.applier.client().clone(), &v.namespace);
+    let secret = api
+        .get_opt(&db.credentials_secret)
+        .await
+        .map_err(|source| Error::Dereference { what: format!("Secret {}", db.credentials_secret), source })?;
+    // Only key names are looked at; values are never read into a message.
+    Ok(Some(match secret {
+        None => Err(format!("Secret {:?} (spec.database.credentialsSecret) does not exist", db.credentials_secret)),
+        Some(s) => {
+            let has = |k: &str| {
+                s.data.as_ref().is_some_and(|d| d.contains_key(k))
+                    || s.string_data.as_ref().is_some_and(|d| d.contains_key(k))
+            };
+            match ["username", "password"].into_iter().find(|k| !has(k)) {
+                Some(missing) => Err(format!("Secret {:?} has no key {missing:?}", db.credentials_secret)),
+                None => Ok(()),
+            }
+        }
+    }))
+}
+
+/// What `apply` leaves for the status step.
+struct AppliedChildren {
+    deployment: Deployment,
+    network_policy: String,
+}
+
+async fn ensure<K: ChildKind>(
+    ctx: &Context,
+    ep: &FhirEndpoint,
+    cache: &Store<K>,
+    desired: K,
+    written: &mut Vec<String>,
+) -> Result<K, Error> {
+    let name = desired.name_any();
+    let kind = K::kind(&()).into_owned();
+    let applied = ctx.applier.ensure(cache, desired).await.map_err(|source| Error::Apply {
+        kind: kind.clone(),
+        name: name.clone(),
+        source,
+    })?;
+    if let Some(why) = applied.written() {
+        let label = match why {
+            WriteReason::Missing => "missing",
+            WriteReason::Changed => "changed",
+            WriteReason::Drifted => "drifted",
+            WriteReason::Unknown => "unknown",
+        };
+        ctx.metrics
+            .writes
+            .get_or_create(&WriteLabels { controller: CONTROLLER, kind: kind.clone(), reason: label })
+            .inc();
+        if why == WriteReason::Drifted {
+            publish(
+                ctx,
+                ep,
+                EventType::Normal,
+                reasons::DRIFT_CORRECTED,
+                format!("{kind} {name} was changed by someone else; put back"),
+            )
+            .await;
+        }
+        if matches!(why, WriteReason::Missing | WriteReason::Changed) {
+            written.push(format!("{kind} {name}{}", if why == WriteReason::Missing { " (created)" } else { "" }));
+        }
+    }
+    Ok(match applied {
+        Applied::Unchanged(obj) => (*obj).clone(),
+        Applied::Written { object, .. } => object,
+    })
+}
+
+async fn remove<K: ChildKind>(ctx: &Context, cache: Option<&Store<K>>, ns: &str, name: &str) -> Result<(), Error> {
+    if let Some(cache) = cache {
+        ctx.applier.remove(cache, ns, name).await.map_err(|source| Error::Remove {
+            kind: K::kind(&()).into_owned(),
+            name: name.into(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+async fn apply(
+    ep: &FhirEndpoint,
+    v: &Validated<'_>,
+    ctx: &Context,
+    children: Children,
+) -> Result<AppliedChildren, Error> {
+    // No `..`: a child kind added to Children must be applied here.
+    let Children {
+        service_account,
+        gateway_config,
+        deployment,
+        service,
+        network_policy,
+        disruption_budget,
+        service_monitor,
+        prometheus_rule,
+    } = children;
+    let c = &ctx.caches;
+    let mut written = Vec::new();
+    ensure(ctx, ep, &c.service_accounts, service_account, &mut written).await?;
+    ensure(ctx, ep, &c.config_maps, gateway_config, &mut written).await?;
+    let np_name = network_policy.name_any();
+    ensure(ctx, ep, &c.network_policies, network_policy, &mut written).await?;
+    ensure(ctx, ep, &c.services, service, &mut written).await?;
+    let deployment = ensure(ctx, ep, &c.deployments, deployment, &mut written).await?;
+
+    let (ns, name) = (v.namespace.as_str(), v.name.as_str());
+    match (disruption_budget, &c.pdbs, &c.pdbs_v1beta1) {
+        (Some(pdb), Some(cache), _) => drop(ensure(ctx, ep, cache, pdb, &mut written).await?),
+        (Some(pdb), None, Some(cache)) => {
+            drop(ensure(ctx, ep, cache, PodDisruptionBudgetV1beta1::from(pdb), &mut written).await?)
+        }
+        (Some(_), None, None) => {}
+        (None, v1, v1beta1) => {
+            remove(ctx, v1.as_ref(), ns, name).await?;
+            remove(ctx, v1beta1.as_ref(), ns, name).await?;
+        }
+    }
+    match (service_monitor, &c.service_monitors) {
+        (Some(sm), Some(cache)) => drop(ensure(ctx, ep, cache, sm, &mut written).await?),
+        (None, cache) => remove(ctx, cache.as_ref(), ns, name).await?,
+        (Some(_), None) => {}
+    }
+    match (prometheus_rule, &c.prometheus_rules) {
+        (Some(pr), Some(cache)) => drop(ensure(ctx, ep, cache, pr, &mut written).await?),
+        (None, cache) => remove(ctx, cache.as_ref(), ns, name).await?,
+        (Some(_), None) => {}
+    }
+    if !written.is_empty() {
+        let created = written.iter().all(|w| w.ends_with("(created)"));
+        let reason = if created { reasons::CREATED } else { reasons::UPDATED };
+        publish(ctx, ep, EventType::Normal, reason, written.join(", ")).await;
+    }
+    Ok(AppliedChildren { deployment, network_policy: np_name })
+}
+
+/// Writes the status if it differs from what the API server holds.
+async fn write_status(ep: &FhirEndpoint, ctx: &Context, status: FhirEndpointStatus) -> Result<(), Error> {
+    if ep.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let api: Api<FhirEndpoint> = Api::namespaced(ctx.applier.client().clone(), &ep.namespace().unwrap_or_default());
+    let patch = json!({
+        "apiVersion": FhirEndpoint::api_version(&()),
+        "kind": FhirEndpoint::kind(&()),
+        "status": status,
+    });
+    api.patch_status(&ep.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch))
+        .await
+        .map_err(Error::Status)?;
+    Ok(())
+}
+
+/// Publishes an event; a failure to record it is logged, not fatal.
+async fn publish(ctx: &Context, ep: &FhirEndpoint, type_: EventType, reason: &str, note: String) {
+    let event = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+    if let Err(e) = ctx.recorder.publish(&event, &ep.object_ref(&())).await {
+        warn!(error = %e, reason, "could not record an event");
+    }
+}
+
+/// `Time` now, for tests and status fields.
+pub fn time(ts: Timestamp) -> Time {
+    Time(ts)
+}
