@@ -12,7 +12,7 @@ DEMO_NAMESPACE ?= fhir-demo
 # its own control plane (about 5 s) unless USE_EXISTING_CLUSTER=true.
 TEST_RUNNER := $(if $(shell command -v cargo-nextest),cargo nextest run --no-fail-fast,cargo test --no-fail-fast)
 
-.PHONY: help test unit e2e lint crds cluster cluster-down demo build
+.PHONY: help test unit e2e lint crds cluster cluster-down demo build bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -32,6 +32,10 @@ e2e: k8s-binaries ## tests against a real kube-apiserver (and the harness itself
 
 k8s-binaries:
 	@$(CONTROL_PLANE) build
+
+bench: k8s-binaries ## FhirEndpoint convergence vs a no-controller baseline (100 and 1,000 endpoints)
+	cargo build --release -p fhir-operator -p fhir-operator-e2e --bins
+	$(CARGO_TARGET_DIR)/release/bench --endpoints $(or $(BENCH_ENDPOINTS),100,1000)
 
 lint: ## rustfmt and clippy, warnings are errors
 	cargo fmt --all --check

@@ -20,8 +20,11 @@ use crate::control_plane::OPERATOR_USER;
 /// (`make test` and `cargo nextest run --workspace` build it).
 pub fn binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/debug/deps/<test> → target/debug/fhir-operator
-    let dir = exe.parent().and_then(Path::parent).map(Path::to_owned).unwrap_or_default();
+    // Tests live in target/<profile>/deps/, binaries in target/<profile>/.
+    let mut dir = exe.parent().map(Path::to_owned).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
     dir.join("fhir-operator")
 }
 

@@ -50,7 +50,6 @@ pub mod reasons {
     pub const CREATED: &str = "Created";
     pub const UPDATED: &str = "Updated";
     pub const DRIFT_CORRECTED: &str = "DriftCorrected";
-    pub const CERTIFICATE_ISSUED: &str = "CertificateIssued";
 }
 
 /// The caches a reconcile reads instead of asking the API server.
@@ -156,7 +155,9 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
         Err(invalid) => return refuse(ep, ctx, invalid, now).await,
     };
     let owner = owner_ref(ep);
-    let (tls_secret, tls_fact, renew_at) = certificate(&v, ctx, &owner, now).await?;
+    // What this reconcile wrote, for one summary event.
+    let mut written = Vec::new();
+    let (tls_secret, tls_fact, renew_at) = certificate(&v, ctx, &owner, now, &mut written).await?;
     let tls_fingerprint = match &tls_fact {
         TlsFact::Certificate { info, .. } => info.fingerprint.clone(),
         TlsFact::Unusable { .. } => String::new(),
@@ -174,7 +175,7 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
             return refuse(ep, ctx, InvalidSpec { field: field.into(), message: e.to_string() }, now).await;
         }
     };
-    let applied = apply(ep, &v, ctx, children).await?;
+    let applied = apply(ep, &v, ctx, children, &mut written).await?;
 
     // Status.
     let facts = Facts {
@@ -397,6 +398,7 @@ async fn certificate(
     ctx: &Context,
     owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
     now: Timestamp,
+    written: &mut Vec<String>,
 ) -> Result<(String, TlsFact, Option<Timestamp>), Error> {
     if let Some(user) = &v.endpoint.spec.tls {
         let api: Api<Secret> = Api::namespaced(ctx.applier.client().clone(), &v.namespace);
@@ -432,14 +434,8 @@ async fn certificate(
             .map_err(|source| Error::Apply { kind: "Secret".into(), name: name.clone(), source })?;
         let info = tls::inspect(&applied.object())?;
         info!(secret = %name, not_after = %info.not_after, "issued the gateway certificate");
-        publish(
-            ctx,
-            v.endpoint,
-            EventType::Normal,
-            reasons::CERTIFICATE_ISSUED,
-            format!("Secret {name}: self-signed, valid until {}", info.not_after),
-        )
-        .await;
+        let what = if current.is_some() { "renewed" } else { "created" };
+        written.push(format!("Secret {name} ({what}: self-signed certificate valid until {})", info.not_after));
         info
     } else {
         current.ok_or_else(|| tls::TlsError::MissingCertificate(name.clone()))?
@@ -538,6 +534,7 @@ async fn apply(
     v: &Validated<'_>,
     ctx: &Context,
     children: Children,
+    written: &mut Vec<String>,
 ) -> Result<AppliedChildren, Error> {
     // No `..`: a child kind added to Children must be applied here.
     let Children {
@@ -551,19 +548,18 @@ async fn apply(
         prometheus_rule,
     } = children;
     let c = &ctx.caches;
-    let mut written = Vec::new();
-    ensure(ctx, ep, &c.service_accounts, service_account, &mut written).await?;
-    ensure(ctx, ep, &c.config_maps, gateway_config, &mut written).await?;
+    ensure(ctx, ep, &c.service_accounts, service_account, written).await?;
+    ensure(ctx, ep, &c.config_maps, gateway_config, written).await?;
     let np_name = network_policy.name_any();
-    ensure(ctx, ep, &c.network_policies, network_policy, &mut written).await?;
-    ensure(ctx, ep, &c.services, service, &mut written).await?;
-    let deployment = ensure(ctx, ep, &c.deployments, deployment, &mut written).await?;
+    ensure(ctx, ep, &c.network_policies, network_policy, written).await?;
+    ensure(ctx, ep, &c.services, service, written).await?;
+    let deployment = ensure(ctx, ep, &c.deployments, deployment, written).await?;
 
     let (ns, name) = (v.namespace.as_str(), v.name.as_str());
     match (disruption_budget, &c.pdbs, &c.pdbs_v1beta1) {
-        (Some(pdb), Some(cache), _) => drop(ensure(ctx, ep, cache, pdb, &mut written).await?),
+        (Some(pdb), Some(cache), _) => drop(ensure(ctx, ep, cache, pdb, written).await?),
         (Some(pdb), None, Some(cache)) => {
-            drop(ensure(ctx, ep, cache, PodDisruptionBudgetV1beta1::from(pdb), &mut written).await?)
+            drop(ensure(ctx, ep, cache, PodDisruptionBudgetV1beta1::from(pdb), written).await?)
         }
         (Some(_), None, None) => {}
         (None, v1, v1beta1) => {
@@ -572,17 +568,17 @@ async fn apply(
         }
     }
     match (service_monitor, &c.service_monitors) {
-        (Some(sm), Some(cache)) => drop(ensure(ctx, ep, cache, sm, &mut written).await?),
+        (Some(sm), Some(cache)) => drop(ensure(ctx, ep, cache, sm, written).await?),
         (None, cache) => remove(ctx, cache.as_ref(), ns, name).await?,
         (Some(_), None) => {}
     }
     match (prometheus_rule, &c.prometheus_rules) {
-        (Some(pr), Some(cache)) => drop(ensure(ctx, ep, cache, pr, &mut written).await?),
+        (Some(pr), Some(cache)) => drop(ensure(ctx, ep, cache, pr, written).await?),
         (None, cache) => remove(ctx, cache.as_ref(), ns, name).await?,
         (Some(_), None) => {}
     }
     if !written.is_empty() {
-        let created = written.iter().all(|w| w.ends_with("(created)"));
+        let created = written.iter().all(|w| w.contains("(created"));
         let reason = if created { reasons::CREATED } else { reasons::UPDATED };
         publish(ctx, ep, EventType::Normal, reason, written.join(", ")).await;
     }
