@@ -117,6 +117,21 @@ pub fn watch_children<K: ChildKind>(
     (reader, stream)
 }
 
+/// A watched kind that is not a child (the operator's own kinds): its
+/// cache and the stream that fills it and triggers reconciles.
+pub fn watch_related<K>(api: Api<K>) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + 'static)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(|obj: &mut K| obj.meta_mut().managed_fields = None)
+        .reflect(writer)
+        .touched_objects();
+    (reader, stream)
+}
+
 /// What the operator last wrote to one child.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Written {

@@ -9,6 +9,7 @@ pub mod fhirendpoint;
 pub mod gateway_metrics;
 pub mod meta;
 pub mod metrics;
+pub mod ratelimittier;
 pub mod rbac;
 pub mod render;
 pub mod run;

@@ -28,9 +28,9 @@ pub const RULES: &[Rule] = &[
     },
     Rule {
         api_group: "fhiroperator.io",
-        resources: &["fhirendpoints/status"],
+        resources: &["fhirendpoints/status", "ratelimittiers/status"],
         verbs: &["patch"],
-        why: "reconcile::write_status applies the status subresource",
+        why: "fhirendpoint::reconcile::write_status and ratelimittier::reconcile apply the status subresource",
     },
     Rule {
         api_group: "",

@@ -175,7 +175,12 @@ fn render_documents(docs: &[Document], args: &RenderArgs) -> Result<String, Rend
         let tier = match &ep.spec.rate_limit {
             None => None,
             Some(r) => match tiers.iter().find(|t| t.metadata.name.as_deref() == Some(r.tier.as_str())) {
-                Some(t) => Some(t.spec.clone()),
+                Some(t) => {
+                    crate::ratelimittier::validate(&t.spec).map_err(|e| {
+                        fail(format!("RateLimitTier {:?} (spec.rateLimit.tier) is invalid: {e}", r.tier))
+                    })?;
+                    Some(t.spec.clone())
+                }
                 None if args.allow_missing => None,
                 None => {
                     return Err(fail(format!(

@@ -109,11 +109,21 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             controller::run_scope(shared.clone(), settings.clone(), scope, shutdown.clone(), ready)
         })
         .collect();
+    let tiers = crate::ratelimittier::run(
+        shared.client.clone(),
+        match &settings.namespaces {
+            None => vec![None],
+            Some(list) => list.iter().cloned().map(Some).collect(),
+        },
+        shared.clock.clone(),
+        shared.metrics.clone(),
+        shutdown.clone(),
+    );
     let refresh = controller::refresh_capabilities(client, shared.capabilities.clone(), args.discovery_interval);
     let serve = server::serve(args.metrics_addr, metrics, readiness, shutdown.clone());
     tokio::select! {
         result = serve => result.map_err(|source| RunError::Serve { addr: args.metrics_addr, source })?,
-        _ = future::join_all(controllers) => {}
+        _ = future::join(future::join_all(controllers), tiers) => {}
         _ = refresh => {}
     }
     info!("stopped");

@@ -14,11 +14,11 @@
 //! operator's API requests per endpoint (from the API server's audit log)
 //! and its peak RSS.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
 use fhir_operator::api::{FhirEndpoint, FhirEndpointSpec};
 use fhir_operator::apply::{Applier, ChildKind};
@@ -26,14 +26,14 @@ use fhir_operator::discovery::{self, PdbApi};
 use fhir_operator::fhirendpoint::build::{self, Children, Images, Inputs};
 use fhir_operator::fhirendpoint::{tls, validate};
 use fhir_operator_e2e::control_plane::{ControlPlane, Lifetime};
-use fhir_operator_e2e::operator::{grant_rbac, Operator};
+use fhir_operator_e2e::operator::{Operator, grant_rbac};
 use fhir_operator_e2e::{client_for, install_crds, mark_pods_ready, operator_requests, operator_writes};
-use futures::{stream, StreamExt};
+use futures::{StreamExt, stream};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
+use kube::Client;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::store;
-use kube::Client;
 
 #[derive(Parser)]
 #[command(about = "FhirEndpoint convergence against a no-controller baseline")]
@@ -159,7 +159,8 @@ async fn apply_one<K: ChildKind>(applier: &Applier, object: K) -> Result<()> {
 
 async fn available(client: &Client, ns: &str, n: usize) -> Result<bool> {
     let list = Api::<Deployment>::namespaced(client.clone(), ns).list(&ListParams::default()).await?;
-    let ready = list.items.iter().filter(|d| d.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0) >= 1).count();
+    let ready =
+        list.items.iter().filter(|d| d.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0) >= 1).count();
     Ok(ready >= n)
 }
 

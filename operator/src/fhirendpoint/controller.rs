@@ -7,7 +7,7 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use futures::{Future, FutureExt, Stream, StreamExt, future};
+use futures::{Future, FutureExt, StreamExt, future};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -15,17 +15,16 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
 use super::build::Images;
 use super::monitoring::{PrometheusRule, ServiceMonitor};
 use super::reconcile::{self, Caches, Context};
 use crate::api::{BackupPolicy, FhirEndpoint, KeyRotationSchedule, RateLimitTier};
-use crate::apply::{Applier, ChildKind, generation_version, watch_children};
+use crate::apply::{Applier, ChildKind, generation_version, watch_children, watch_related};
 use crate::conditions::Clock;
 use crate::discovery::{self, Capabilities, PdbApi, PodDisruptionBudgetV1beta1};
 use crate::metrics::SharedMetrics;
@@ -88,20 +87,6 @@ where
     }
 }
 
-/// A watched kind that is not a child: its own cache and trigger stream.
-fn related<K>(api: Api<K>) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + 'static)
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .modify(|obj: &mut K| obj.meta_mut().managed_fields = None)
-        .reflect(writer)
-        .touched_objects();
-    (reader, stream)
-}
-
 /// Endpoints (in `store`) whose spec names `matches`.
 fn referencing(store: &Store<FhirEndpoint>, matches: impl Fn(&FhirEndpoint) -> bool) -> Vec<ObjectRef<FhirEndpoint>> {
     store.state().iter().filter(|ep| matches(ep)).map(|ep| ObjectRef::from_obj(ep.as_ref())).collect()
@@ -125,9 +110,9 @@ pub async fn run_scope(
     let (deployments, deploy_stream) = watch_children(api::<Deployment>(&client, ns));
     let (services, svc_stream) = watch_children(api::<Service>(&client, ns));
     let (network_policies, np_stream) = watch_children(api::<NetworkPolicy>(&client, ns));
-    let (tiers, tier_stream) = related(Api::<RateLimitTier>::all(client.clone()));
-    let (key_schedules, krs_stream) = related(api::<KeyRotationSchedule>(&client, ns));
-    let (backups, backup_stream) = related(api::<BackupPolicy>(&client, ns));
+    let (tiers, tier_stream) = watch_related(Api::<RateLimitTier>::all(client.clone()));
+    let (key_schedules, krs_stream) = watch_related(api::<KeyRotationSchedule>(&client, ns));
+    let (backups, backup_stream) = watch_related(api::<BackupPolicy>(&client, ns));
 
     let mut controller = Controller::new(api::<FhirEndpoint>(&client, ns), watcher::Config::default())
         .with_config(

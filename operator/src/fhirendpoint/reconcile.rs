@@ -42,6 +42,7 @@ pub mod reasons {
     pub const AVAILABLE: &str = "Available";
     pub const ROLLING_OUT: &str = "RollingOut";
     pub const TIER_NOT_FOUND: &str = "TierNotFound";
+    pub const TIER_INVALID: &str = "TierInvalid";
     pub const KEY_SCHEDULE_NOT_FOUND: &str = "KeyScheduleNotFound";
     pub const TLS_SECRET_UNUSABLE: &str = "TlsSecretUnusable";
     pub const MONITORING_NOT_SERVED: &str = "MonitoringNotServed";
@@ -139,7 +140,18 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
     // Dereference.
     let tier = match &ep.spec.rate_limit {
         Some(r) => match ctx.caches.tiers.get(&ObjectRef::new(&r.tier)) {
-            Some(t) => Some(t.spec.clone()),
+            Some(t) => match crate::ratelimittier::validate(&t.spec) {
+                Ok(_) => Some(t.spec.clone()),
+                // Nothing is rendered from a tier the gateway cannot enforce;
+                // the endpoint keeps its last configuration.
+                Err(e) => {
+                    let blocked = Blocked {
+                        reason: reasons::TIER_INVALID,
+                        message: format!("RateLimitTier {:?} (spec.rateLimit.tier) is invalid: {e}", r.tier),
+                    };
+                    return block(&v, ctx, blocked, now).await;
+                }
+            },
             None => {
                 let blocked = Blocked {
                     reason: reasons::TIER_NOT_FOUND,
