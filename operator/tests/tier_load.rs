@@ -271,7 +271,7 @@ struct Measured {
     sent: usize,
     /// Statuses, in the order the requests were sent.
     statuses: Vec<u16>,
-    /// The first 429, to check its headers.
+    /// A 429 (the first on the first connection), to check its headers.
     refusal: Option<Response>,
 }
 
@@ -318,8 +318,9 @@ impl Measured {
         };
         let window = self.window.as_secs_f64();
         format!(
-            "{class} client {}: admitted {:.1}/s ({} of {} sent at {}/s, the first {} in a row), configured {}/s + burst {}+1 over {window:.2} s \
-             = {:.1}/s expected ({:+.1}%); a 429's Retry-After: {}",
+            "{class} client {}: admitted {:.1}/s ({} of {} sent at {}/s, the first {} in a row), \
+             configured {}/s + burst {}+1 over {window:.2} s = {:.1}/s expected ({:+.1}%); \
+             a 429's Retry-After: {}",
             stream.client.id,
             self.measured_per_second(),
             self.admitted(),
