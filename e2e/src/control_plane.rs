@@ -215,7 +215,8 @@ impl ControlPlane {
             .arg("--service-account-issuer=https://kubernetes.default.svc")
             .arg(format!("--service-account-key-file={}", d.join("sa.pub").display()))
             .arg(format!("--service-account-signing-key-file={}", d.join("sa.key").display()))
-            .arg("--service-cluster-ip-range=10.0.0.0/24")
+            // Room for thousands of Services (benchmarks create one per endpoint).
+            .arg("--service-cluster-ip-range=10.0.0.0/16")
             .arg("--allow-privileged=false")
             .arg(format!("--audit-policy-file={}", d.join("audit-policy.yaml").display()))
             .arg(format!("--audit-log-path={}", d.join(AUDIT_LOG_FILE).display()))

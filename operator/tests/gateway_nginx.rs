@@ -773,7 +773,7 @@ fn nginx_accepts_every_shape_of_configuration() {
     let shapes = [
         ("one limit for all requests", limits(LimitKey::Client, rate(10, 20), None, None), true),
         ("reads and writes apart", limits(LimitKey::Client, rate(10, 20), Some(rate(50, 100)), Some(rate(2, 1))), true),
-        // Only writes given: reads get the default. A burst of 0 drops the parameter.
+        // Only writes given: reads get the default. A burst of 0 is rendered as 1.
         ("per source IP", limits(LimitKey::SourceIp, rate(1, 0), None, Some(rate(100_000, 0))), false),
     ];
     for (shape, limits, with_syslog) in shapes {

@@ -472,10 +472,12 @@ fn render_server(c: &mut Conf, s: &GatewaySettings) {
         c.comment("Runs before the rate limits: a request without a valid key costs no client's budget.");
         c.block("if ($client_id = \"\")", |c| c.line("return 401;"));
         for zone in zones(&s.limits) {
-            match zone.rate.burst {
-                0 => c.line(format!("limit_req zone={} nodelay;", zone.name)),
-                burst => c.line(format!("limit_req zone={} burst={burst} nodelay;", zone.name)),
-            }
+            // Never burst=0: without a burst nginx keeps no credit for the
+            // time between requests, so a client sending a little above the
+            // rate is refused well below it (12/s against 10/s measured at
+            // about 6/s). With burst 1 it admits the configured rate.
+            let burst = zone.rate.burst.max(1);
+            c.line(format!("limit_req zone={} burst={burst} nodelay;", zone.name));
         }
         c.line("proxy_pass http://fhir_server;");
         c.line("proxy_http_version 1.1;");
