@@ -6,6 +6,7 @@ pub mod apply;
 pub mod conditions;
 pub mod discovery;
 pub mod fhirendpoint;
+pub mod keyrotation;
 pub mod gateway_metrics;
 pub mod meta;
 pub mod metrics;

@@ -118,7 +118,7 @@ pub async fn run_scope(
         .with_config(
             kube::runtime::controller::Config::default()
                 .concurrency(settings.concurrency)
-                .debounce(Duration::from_millis(200)),
+                .debounce(Duration::from_millis(500)),
         )
         .owns_stream(sa_stream)
         .owns_stream(cm_stream)
