@@ -35,10 +35,7 @@ fn main() -> ExitCode {
         Command::Render(args) => {
             fhir_operator::render::render(&args).map(|out| print!("{out}")).map_err(|e| e.to_string())
         }
-        Command::Run(args) => {
-            limit_malloc_arenas();
-            block_on(fhir_operator::run::run(args)).map_err(|e| e.to_string())
-        }
+        Command::Run(args) => block_on(fhir_operator::run::run(args)).map_err(|e| e.to_string()),
         Command::GatewayMetrics(args) => block_on(async {
             fhir_operator::telemetry::init();
             fhir_operator::gateway_metrics::run(args).await
@@ -51,18 +48,6 @@ fn main() -> ExitCode {
             eprintln!("fhir-operator: error: {message}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// glibc gives a multi-threaded process up to eight malloc arenas per core;
-/// the operator's many small, long-lived cache entries then spread over
-/// them and resident memory grows with fragmentation. Two arenas are plenty
-/// for its two runtime threads (peak RSS measured by `make bench`).
-fn limit_malloc_arenas() {
-    // SAFETY: mallopt only changes allocator parameters; called before any
-    // other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 

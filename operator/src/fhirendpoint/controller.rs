@@ -16,7 +16,6 @@ use kube::api::Api;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
@@ -114,7 +113,10 @@ pub async fn run_scope(
     let (key_schedules, krs_stream) = watch_related(api::<KeyRotationSchedule>(&client, ns));
     let (backups, backup_stream) = watch_related(api::<BackupPolicy>(&client, ns));
 
-    let mut controller = Controller::new(api::<FhirEndpoint>(&client, ns), watcher::Config::default())
+    // The endpoints themselves, cached without managedFields like every
+    // other kind (two writers' field sets per endpoint add up).
+    let (endpoint_cache, endpoint_stream) = watch_related(api::<FhirEndpoint>(&client, ns));
+    let mut controller = Controller::for_stream(endpoint_stream, endpoint_cache)
         .with_config(
             kube::runtime::controller::Config::default()
                 .concurrency(settings.concurrency)
