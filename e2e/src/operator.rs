@@ -72,7 +72,21 @@ impl Operator {
         let log = dir.path().join("operator.log");
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let out = std::fs::File::create(&log)?;
-        let mut cmd = Command::new(&bin);
+        // FHIR_E2E_OPERATOR_WRAPPER runs the operator under another program,
+        // e.g. `heaptrack` for a heap profile of a benchmark run. Only the
+        // wrapper is stopped at the end: a wrapper that forks (heaptrack
+        // does) leaves the operator running, so stop it by hand. For
+        // profiling only, never in the tests.
+        let wrapper = std::env::var("FHIR_E2E_OPERATOR_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(program) => {
+                let mut c = Command::new(program);
+                c.args(words).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
         cmd.arg("run")
             .arg(format!("--metrics-addr=127.0.0.1:{port}"))
             .args(extra)

@@ -34,6 +34,12 @@ use serde::de::DeserializeOwned;
 
 use crate::meta::{APPLIED_HASH_ANNOTATION, MANAGED_SELECTOR, hash_of};
 
+/// Objects per page when a watch (re)lists. A page is deserialized whole,
+/// managedFields and all, before the cache slims it: kube's default of 500
+/// Deployments made the operator's peak memory (measured with heaptrack at
+/// 1,000 endpoints); 100 keeps that transient small for a few more requests.
+pub const LIST_PAGE_SIZE: u32 = 100;
+
 /// A kind of child object the operator creates and caches.
 pub trait ChildKind:
     Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
@@ -106,7 +112,7 @@ pub fn watch_children<K: ChildKind>(
     api: Api<K>,
 ) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + 'static) {
     let (reader, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default().labels(MANAGED_SELECTOR))
+    let stream = watcher(api, watcher::Config::default().labels(MANAGED_SELECTOR).page_size(LIST_PAGE_SIZE))
         .default_backoff()
         .modify(|obj: &mut K| {
             obj.meta_mut().managed_fields = None;
@@ -124,7 +130,7 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default())
+    let stream = watcher(api, watcher::Config::default().page_size(LIST_PAGE_SIZE))
         .default_backoff()
         .modify(|obj: &mut K| obj.meta_mut().managed_fields = None)
         .reflect(writer)

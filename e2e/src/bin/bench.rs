@@ -177,10 +177,15 @@ async fn all_ready(client: &Client, ns: &str, n: usize) -> Result<bool> {
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+/// A `/proc/<pid>/status` figure in KiB (`VmHWM:` peak, `VmRSS:` now).
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
@@ -243,6 +248,7 @@ async fn run_one(n: usize, concurrency: usize) -> Result<Figures> {
     let requests = operator_requests(&plane.audit_log())? - before_requests;
     let writes = operator_writes(&plane.audit_log())?.len() - before_writes;
     let peak_rss_kib = peak_rss_kib(operator.pid());
+    eprintln!("bench: operator RSS now {} KiB, peak {peak_rss_kib} KiB", proc_status_kib(operator.pid(), "VmRSS:"));
     drop(operator);
     plane.stop();
     // SA, ConfigMap, Deployment, Service, NetworkPolicy, TLS Secret.
