@@ -11,6 +11,8 @@
 //! A missing tool fails the test with the Debian package to install: these
 //! claims are only worth anything against the real programs.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -29,6 +31,7 @@ use fhir_operator::fhirendpoint::gateway::{
     api_keys_map, nginx_conf,
 };
 use serde_json::Value;
+use support::*;
 
 /// 256-bit keys in the two shapes the operator issues: hex and base64url.
 const ALPHA_KEY: &str = "9d5ed678fe57bcca610140957afab571b0b6fda2c5ea6ff5d7bfc1f2dd5b6d1e";
@@ -225,35 +228,6 @@ fn nginx_conf_refuses_settings_nginx_would_misread_or_that_switch_a_limit_off() 
 // ---------------------------------------------------------------------------
 // Tools and processes
 
-/// A program the tests run, and the Debian package that installs it.
-struct Tool {
-    name: &'static str,
-    package: &'static str,
-}
-
-const NGINX: Tool = Tool { name: "nginx", package: "nginx" };
-const CURL: Tool = Tool { name: "curl", package: "curl" };
-const OPENSSL: Tool = Tool { name: "openssl", package: "openssl" };
-const SETPRIV: Tool = Tool { name: "setpriv", package: "util-linux" };
-const KILL: Tool = Tool { name: "kill", package: "procps" };
-
-/// Finds a tool on PATH or in the sbin directories (nginx lives in
-/// /usr/sbin, often not on a user's PATH); fails loudly when it is missing.
-fn tool(tool: &Tool) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|dir| dir.join(tool.name))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "`{}` is not installed and these tests need the real one: install the Debian package `{}` \
-                 (apt-get install {})",
-                tool.name, tool.package, tool.package
-            )
-        })
-}
-
 #[test]
 fn a_missing_tool_fails_the_test_naming_its_debian_package() {
     let missing = Tool { name: "fhir-gateway-no-such-tool", package: "no-such-package" };
@@ -276,25 +250,6 @@ fn run(command: &mut Command) -> Output {
     output
 }
 
-/// uid and gid of `nobody` on Debian.
-const NOBODY: u32 = 65534;
-
-fn running_as_root() -> bool {
-    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
-}
-
-/// A command for `program` that runs without privilege: as nobody when the
-/// tests run as root, else as the current (unprivileged) user.
-fn unprivileged(program: &Tool) -> Command {
-    if !running_as_root() {
-        return Command::new(tool(program));
-    }
-    let mut command = Command::new(tool(&SETPRIV));
-    command.args([format!("--reuid={NOBODY}"), format!("--regid={NOBODY}"), "--clear-groups".into(), "--".into()]);
-    command.arg(tool(program));
-    command
-}
-
 /// Gives `dir` and everything in it to the user nginx runs as: its temp
 /// dir is an emptyDir it owns in a pod, and it must read its key.
 fn hand_to_nginx(dir: &Path) {
@@ -310,11 +265,6 @@ fn hand_to_nginx(dir: &Path) {
             std::os::unix::fs::chown(&path, Some(NOBODY), Some(NOBODY)).expect("chown");
         }
     }
-}
-
-/// A loopback port nobody listens on right now (the kernel picks it).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind loopback").port()
 }
 
 /// Polls `check` every 20 ms until it gives a value or [`PATIENCE`] is up.

@@ -26,11 +26,12 @@
 //! the exact window it was offered over, and full responses (Retry-After).
 //! Measured rates are printed; run with `--no-capture` to see them.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -45,6 +46,7 @@ use fhir_operator::fhirendpoint::gateway::{
     GatewaySettings, HEALTH_PATH, LimitKey, Limits, Rate, api_keys_map, nginx_conf,
 };
 use fhir_operator::fhirendpoint::tls;
+use support::*;
 
 /// How long one load phase offers requests.
 const WINDOW: Duration = Duration::from_secs(4);
@@ -418,56 +420,6 @@ fn request(method: &str, path: &str, client: Client, body: usize) -> Vec<u8> {
 
 // ---------------------------------------------------------------------------
 // Tools and processes
-
-/// A program the test runs, and the Debian package that installs it.
-struct Tool {
-    name: &'static str,
-    package: &'static str,
-}
-
-const NGINX: Tool = Tool { name: "nginx", package: "nginx" };
-const OPENSSL: Tool = Tool { name: "openssl", package: "openssl" };
-const SETPRIV: Tool = Tool { name: "setpriv", package: "util-linux" };
-const KILL: Tool = Tool { name: "kill", package: "procps" };
-
-/// The tool on PATH or in the sbin directories (nginx is in /usr/sbin);
-/// fails naming its Debian package when it is missing.
-fn tool(tool: &Tool) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|dir| dir.join(tool.name))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "`{}` is not installed: install the Debian package `{}` (apt-get install {})",
-                tool.name, tool.package, tool.package
-            )
-        })
-}
-
-/// uid and gid of `nobody` on Debian.
-const NOBODY: u32 = 65534;
-
-fn running_as_root() -> bool {
-    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
-}
-
-/// `program` without privilege: as nobody (via setpriv) when the test runs
-/// as root, as in the gateway's pod.
-fn unprivileged(program: &Tool) -> Command {
-    if !running_as_root() {
-        return Command::new(tool(program));
-    }
-    let mut command = Command::new(tool(&SETPRIV));
-    command.args([format!("--reuid={NOBODY}"), format!("--regid={NOBODY}"), "--clear-groups".into(), "--".into()]);
-    command.arg(tool(program));
-    command
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind loopback").port()
-}
 
 // ---------------------------------------------------------------------------
 // The gateway: configuration on disk, nginx, the stub FHIR server
