@@ -14,13 +14,10 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
@@ -41,8 +38,6 @@ const WRONG_KEY: &str = "0000000000000000000000000000000000000000000000000000000
 const PATIENT_NAME: &str = "Wolfeschlegel";
 /// Generous enough that only the rate-limit tests ever see a 429.
 const RELAXED: Rate = Rate { per_second: 1000, burst: 1000 };
-/// How long any wait for nginx, a log line or a datagram may take.
-const PATIENCE: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------
 // The API-key map
@@ -329,66 +324,6 @@ impl Site {
     }
 }
 
-/// nginx in the foreground, stopped when dropped, even when a test fails.
-struct Nginx {
-    child: Child,
-    kill: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Nginx {
-    fn start(site: &Site) -> Nginx {
-        let stderr = site.dir.path().join("nginx.stderr");
-        let child = unprivileged(&NGINX)
-            .arg("-c")
-            .arg(&site.conf)
-            .args(["-g", "daemon off;"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).expect("stderr file"))
-            // Its own process group, so that the workers can be stopped with it.
-            .process_group(0)
-            .spawn()
-            .expect("start nginx");
-        // The guard exists before the wait: a failed start still stops nginx.
-        let mut nginx = Nginx { child, kill: tool(&KILL), stderr };
-        poll("nginx to listen", || {
-            if let Some(status) = nginx.child.try_wait().expect("nginx status") {
-                panic!("nginx exited ({status}) before listening:\n{}", nginx.stderr());
-            }
-            TcpStream::connect(("127.0.0.1", site.port)).ok()
-        });
-        if running_as_root() {
-            let master = std::fs::metadata(format!("/proc/{}", nginx.child.id())).expect("nginx's /proc entry");
-            assert_eq!(master.uid(), NOBODY, "nginx runs unprivileged");
-        }
-        nginx
-    }
-
-    /// What nginx wrote to its error log (stderr).
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        // TERM: the master stops its workers, then exits. Only if it does not
-        // within the deadline, KILL its whole process group.
-        let pid = self.child.id().to_string();
-        let _ = Command::new(&self.kill).args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + PATIENCE;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = Command::new(&self.kill).args(["-KILL", "--", &format!("-{pid}")]).status();
-        let _ = self.child.wait();
-    }
-}
-
 // ---------------------------------------------------------------------------
 // The stub FHIR server
 
@@ -516,7 +451,7 @@ impl Gateway {
         let upstream = Upstream::start();
         let address = syslog.as_ref().map(|s| s.local_addr().expect("syslog address").to_string());
         let site = Site::new(limits, upstream.port, address);
-        let nginx = Nginx::start(&site);
+        let nginx = Nginx::start(&site.conf, site.dir.path(), site.port);
         Gateway { nginx, upstream, syslog, site }
     }
 
@@ -956,7 +891,7 @@ fn a_glob_key_map_takes_every_schedules_keys_and_tolerates_none() {
         std::fs::write(keys.join(schedule).join("api-keys.map"), map).expect("write key map");
     }
     hand_to_nginx(site.dir.path());
-    let nginx = Nginx::start(&site);
+    let nginx = Nginx::start(&site.conf, site.dir.path(), site.port);
     let gateway = Gateway { nginx, upstream, syslog: None, site };
     let responses = gateway.send(&[
         Req::get("/Patient/1").key(ALPHA_KEY),

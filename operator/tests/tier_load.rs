@@ -29,10 +29,8 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,8 +67,6 @@ const MAX_OFFERED_PER_SECOND: u32 = 300;
 /// after 1000 (`keepalive_requests`), so a stream that sends more spreads
 /// them over several connections.
 const MAX_REQUESTS_PER_CONNECTION: usize = 500;
-/// How long any wait for nginx or a response may take.
-const PATIENCE: Duration = Duration::from_secs(10);
 
 /// A client of the gateway: its id and its API key (256-bit, hex).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -470,58 +466,6 @@ impl Site {
     }
 }
 
-/// nginx in the foreground in its own process group, stopped when dropped,
-/// even when an assertion fails.
-struct Nginx {
-    child: Child,
-    stderr: PathBuf,
-    /// Found before it is needed: a panic in `drop` would abort.
-    kill: PathBuf,
-}
-
-impl Nginx {
-    fn start(site: &Site) -> Nginx {
-        let stderr = site.dir.path().join("nginx.stderr");
-        let child = unprivileged(&NGINX)
-            .arg("-c")
-            .arg(&site.conf)
-            .args(["-g", "daemon off;"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).expect("stderr file"))
-            .process_group(0)
-            .spawn()
-            .expect("start nginx");
-        let mut nginx = Nginx { child, stderr, kill: tool(&KILL) };
-        let deadline = Instant::now() + PATIENCE;
-        while TcpStream::connect(("127.0.0.1", site.port)).is_err() {
-            if let Some(status) = nginx.child.try_wait().expect("nginx status") {
-                panic!("nginx exited ({status}):\n{}", std::fs::read_to_string(&nginx.stderr).unwrap_or_default());
-            }
-            assert!(Instant::now() < deadline, "nginx did not listen within {PATIENCE:?}");
-            thread::sleep(Duration::from_millis(20));
-        }
-        nginx
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        // TERM to the group (master and worker); KILL if it lingers.
-        let group = format!("-{}", self.child.id());
-        let _ = Command::new(&self.kill).args(["-TERM", "--", &group]).status();
-        let deadline = Instant::now() + PATIENCE;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = Command::new(&self.kill).args(["-KILL", "--", &group]).status();
-        let _ = self.child.wait();
-    }
-}
-
 /// What reached the stub FHIR server from one client, for one class.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Seen {
@@ -611,12 +555,12 @@ impl Gateway {
     fn start(limits: Limits) -> Gateway {
         let upstream = Upstream::start();
         let site = Site::new(limits, upstream.port);
-        let nginx = Nginx::start(&site);
+        let nginx = Nginx::start(&site.conf, site.dir.path(), site.port);
         Gateway { nginx, upstream, site }
     }
 
     fn connect(&self) -> Connection {
-        Connection::open(&self.site, &self.nginx.stderr)
+        Connection::open(&self.site, self.nginx.stderr_path())
     }
 }
 
