@@ -166,10 +166,10 @@ impl<K> Applied<K> {
 
 impl<K: Clone> Applied<K> {
     /// The object as the API server last showed it.
-    pub fn object(&self) -> K {
+    pub fn into_object(self) -> K {
         match self {
-            Applied::Unchanged(obj) => (**obj).clone(),
-            Applied::Written { object, .. } => object.clone(),
+            Applied::Unchanged(obj) => Arc::unwrap_or_clone(obj),
+            Applied::Written { object, .. } => object,
         }
     }
 }

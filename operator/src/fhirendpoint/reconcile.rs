@@ -8,7 +8,6 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -27,7 +26,7 @@ use crate::api::{
     BackupPolicy, FhirEndpoint, FhirEndpointStatus, KeyAlgorithm, KeyRotationSchedule, KeyVersionsInForce,
     RateLimitTier, condition, reason,
 };
-use crate::apply::{Applied, Applier, ChildKind, WriteReason};
+use crate::apply::{Applier, ChildKind, WriteReason};
 use crate::conditions::{self, Clock, Desired};
 use crate::discovery::{Capabilities, PdbApi, PodDisruptionBudgetV1beta1};
 use crate::meta::{child_meta, hash_of, owner_ref};
@@ -444,7 +443,7 @@ async fn certificate(
             .ensure(&ctx.caches.secrets, tls::secret(meta, cert, key))
             .await
             .map_err(|source| Error::Apply { kind: "Secret".into(), name: name.clone(), source })?;
-        let info = tls::inspect(&applied.object())?;
+        let info = tls::inspect(&applied.into_object())?;
         info!(secret = %name, not_after = %info.not_after, "issued the gateway certificate");
         let what = if current.is_some() { "renewed" } else { "created" };
         written.push(format!("Secret {name} ({what}: self-signed certificate valid until {})", info.not_after));
@@ -524,10 +523,7 @@ async fn ensure<K: ChildKind>(
             written.push(format!("{kind} {name}{}", if why == WriteReason::Missing { " (created)" } else { "" }));
         }
     }
-    Ok(match applied {
-        Applied::Unchanged(obj) => (*obj).clone(),
-        Applied::Written { object, .. } => object,
-    })
+    Ok(applied.into_object())
 }
 
 async fn remove<K: ChildKind>(ctx: &Context, cache: Option<&Store<K>>, ns: &str, name: &str) -> Result<(), Error> {
@@ -620,9 +616,4 @@ async fn publish(ctx: &Context, ep: &FhirEndpoint, type_: EventType, reason: &st
     if let Err(e) = ctx.recorder.publish(&event, &ep.object_ref(&())).await {
         warn!(error = %e, reason, "could not record an event");
     }
-}
-
-/// `Time` now, for tests and status fields.
-pub fn time(ts: Timestamp) -> Time {
-    Time(ts)
 }
