@@ -54,6 +54,8 @@ done
 echo
 kubectl get fhirendpoints -n "$NS"
 echo
+kubectl get keyrotationschedules -n "$NS"
+echo
 kubectl get deployments,services,networkpolicies,configmaps,secrets -n "$NS" -l app.kubernetes.io/managed-by=fhir-operator
 echo
 say "no kubelet runs here, so pods stay Pending and Ready stays False (RollingOut);"

@@ -179,6 +179,27 @@ where
     }
 }
 
+/// Server-side applies `value` (any kind; RateLimitTiers are cluster-scoped,
+/// everything else goes into `namespace`) as the test's own field manager.
+/// Panics when the API server refuses it: a test helper.
+pub async fn apply_value(client: &Client, namespace: &str, value: &serde_json::Value) {
+    use kube::ResourceExt;
+    use kube::api::{DynamicObject, Patch, PatchParams};
+    use kube::core::{ApiResource, GroupVersionKind};
+    let obj: DynamicObject = serde_json::from_value(value.clone()).expect("object");
+    let types = obj.types.clone().expect("apiVersion and kind");
+    let gvk = GroupVersionKind::try_from(&types).expect("gvk");
+    let ar = ApiResource::from_gvk(&gvk);
+    let api: Api<DynamicObject> = if types.kind == "RateLimitTier" {
+        Api::all_with(client.clone(), &ar)
+    } else {
+        Api::namespaced_with(client.clone(), namespace, &ar)
+    };
+    api.patch(&obj.name_any(), &PatchParams::apply("e2e").force(), &Patch::Apply(&obj))
+        .await
+        .unwrap_or_else(|e| panic!("applying {} {}: {e}", types.kind, obj.name_any()));
+}
+
 /// Marks the pods matching `selector` Running and Ready (there is no
 /// kubelet), so that ReplicaSets and Deployments count them as available
 /// through the real controllers. Returns how many pods it marked.

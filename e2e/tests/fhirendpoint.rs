@@ -8,7 +8,7 @@ use std::time::Duration;
 use fhir_operator::api::{FhirEndpoint, RateLimitTier};
 use fhir_operator_e2e::examples;
 use fhir_operator_e2e::operator::{Operator, grant_rbac};
-use fhir_operator_e2e::{cluster, install_crds, mark_pods_ready, namespace, operator_writes, wait_for};
+use fhir_operator_e2e::{apply_value, cluster, install_crds, mark_pods_ready, namespace, operator_writes, wait_for};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
@@ -49,19 +49,6 @@ async fn setup(prefix: &str, operator_args: &[&str]) -> Env {
     let ns = namespace(&client, prefix).await.expect("namespace");
     let operator = Operator::start(cluster.operator_kubeconfig(), operator_args).expect("operator");
     Env { client, ns, operator }
-}
-
-async fn apply_value(client: &Client, ns: &str, value: &Value) {
-    let obj: DynamicObject = serde_json::from_value(value.clone()).expect("object");
-    let types = obj.types.clone().expect("types");
-    let gvk = GroupVersionKind::try_from(&types).expect("gvk");
-    let ar = ApiResource::from_gvk(&gvk);
-    let api: Api<DynamicObject> = if types.kind == "RateLimitTier" {
-        Api::all_with(client.clone(), &ar)
-    } else {
-        Api::namespaced_with(client.clone(), ns, &ar)
-    };
-    api.patch(&obj.name_any(), &PatchParams::apply("e2e").force(), &Patch::Apply(&obj)).await.expect("apply");
 }
 
 /// The Secrets the full example refers to: a TLS Secret and database

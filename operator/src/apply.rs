@@ -187,6 +187,18 @@ pub enum WriteReason {
     Unknown,
 }
 
+impl WriteReason {
+    /// The metric label: `missing`, `changed`, `drifted` or `unknown`.
+    pub fn label(self) -> &'static str {
+        match self {
+            WriteReason::Missing => "missing",
+            WriteReason::Changed => "changed",
+            WriteReason::Drifted => "drifted",
+            WriteReason::Unknown => "unknown",
+        }
+    }
+}
+
 /// Applies children with one field manager, remembering what it wrote.
 #[derive(Clone)]
 pub struct Applier {
@@ -254,5 +266,34 @@ impl Applier {
             written.remove(&format!("{}/{namespace}/{name}", K::kind(&())));
         }
         Ok(true)
+    }
+}
+
+/// Server-side applies `status` to the status subresource of `name`, as
+/// `field_manager`: the one way every controller writes status (callers
+/// skip the call when the status is unchanged).
+pub async fn apply_status<K, S>(api: &Api<K>, name: &str, status: &S, field_manager: &str) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    S: Serialize,
+{
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(field_manager).force(), &Patch::Apply(patch)).await?;
+    Ok(())
+}
+
+/// Publishes an event about `object`; a failure to record it is logged,
+/// not fatal.
+pub async fn publish_event<K: Resource<DynamicType = ()>>(
+    recorder: &kube::runtime::events::Recorder,
+    object: &K,
+    event: kube::runtime::events::Event,
+) {
+    if let Err(e) = recorder.publish(&event, &object.object_ref(&())).await {
+        tracing::warn!(error = %e, reason = event.reason, "could not record an event");
     }
 }

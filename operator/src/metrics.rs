@@ -30,6 +30,12 @@ pub struct WriteLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    /// A key rotation step, as its event reason (`RotationStarted`, ...).
+    pub step: &'static str,
+}
+
 /// Every metric of the operator, registered once.
 pub struct Metrics {
     pub registry: Registry,
@@ -38,6 +44,7 @@ pub struct Metrics {
     pub invalid_specs: Family<ControllerLabels, Counter>,
     pub duration: Family<ControllerLabels, Histogram>,
     pub writes: Family<WriteLabels, Counter>,
+    pub steps: Family<StepLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -59,7 +66,9 @@ impl Default for Metrics {
             "Children written, by kind and why (drift corrections included)",
             writes.clone(),
         );
-        Self { registry, reconciliations, errors, invalid_specs, duration, writes }
+        let steps = Family::<StepLabels, Counter>::default();
+        registry.register("key_rotation_steps", "Key rotation steps taken, by step (the event reason)", steps.clone());
+        Self { registry, reconciliations, errors, invalid_specs, duration, writes, steps }
     }
 }
 

@@ -8,18 +8,17 @@ use std::time::Duration;
 
 use futures::{Future, StreamExt};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Client, Resource, ResourceExt};
-use serde_json::json;
+use kube::{Client, ResourceExt};
 use tracing::{instrument, warn};
 
 use crate::api::{
     FhirEndpoint, ObjectRef as StatusRef, RateLimitTier, RateLimitTierSpec, RateLimitTierStatus, condition, reason,
 };
-use crate::apply::watch_related;
+use crate::apply::{apply_status, watch_related};
 use crate::conditions::{self, Clock, Desired};
 use crate::fhirendpoint::build::{limits_from_tier, quantity_bytes};
 use crate::fhirendpoint::gateway::{self, GatewayError, Limits};
@@ -136,12 +135,7 @@ async fn reconcile(tier: Arc<RateLimitTier>, ctx: Arc<Context>) -> Result<Action
         Ok(())
     } else {
         let api: Api<RateLimitTier> = Api::all(ctx.client.clone());
-        let patch =
-            json!({"apiVersion": RateLimitTier::api_version(&()), "kind": RateLimitTier::kind(&()), "status": status});
-        api.patch_status(&tier.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch))
-            .await
-            .map(|_| ())
-            .map_err(Error::Status)
+        apply_status(&api, &tier.name_any(), &status, FIELD_MANAGER).await.map_err(Error::Status)
     };
     ctx.metrics.observe(CONTROLLER, started.elapsed());
     result.map(|()| Action::await_change())
@@ -195,6 +189,7 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::api::MethodLimit;
+    use serde_json::json;
 
     fn tier(spec: RateLimitTierSpec) -> RateLimitTier {
         let mut t = RateLimitTier::new("gold", spec);

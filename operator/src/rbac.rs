@@ -28,22 +28,26 @@ pub const RULES: &[Rule] = &[
     },
     Rule {
         api_group: "fhiroperator.io",
-        resources: &["fhirendpoints/status", "ratelimittiers/status"],
+        resources: &["fhirendpoints/status", "ratelimittiers/status", "keyrotationschedules/status"],
         verbs: &["patch"],
-        why: "fhirendpoint::reconcile::write_status and ratelimittier::reconcile apply the status subresource",
+        why: "fhirendpoint::reconcile::write_status, ratelimittier::reconcile and \
+              keyrotation::controller::write_status apply the status subresource",
     },
     Rule {
         api_group: "",
         resources: &["serviceaccounts", "configmaps", "services"],
         verbs: OWN,
-        why: "FhirEndpoint children (build.rs); delete: children no longer desired",
+        why: "FhirEndpoint children (build.rs) and the JWKS ConfigMaps of ecdsa-p256 key schedules \
+              (keyrotation/controller.rs); delete: children no longer desired",
     },
     Rule {
         api_group: "",
         resources: &["secrets"],
         verbs: OWN,
-        why: "self-issued TLS Secrets (tls.rs); get: the user's TLS and database-credential Secrets by name; \
-              list/watch: the cache of operator-managed Secrets (label-filtered, data dropped from the cache)",
+        why: "self-issued TLS Secrets (tls.rs) and key schedule Secrets (keyrotation/controller.rs); \
+              get: the user's TLS and database-credential Secrets by name, and a key schedule's own Secret \
+              (its keys are read live, never cached); list/watch: the cache of operator-managed Secrets \
+              (label-filtered, data dropped from the cache)",
     },
     Rule { api_group: "apps", resources: &["deployments"], verbs: OWN, why: "the endpoint's Deployment (pod.rs)" },
     Rule {

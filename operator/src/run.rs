@@ -95,20 +95,36 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         None => vec![None],
         Some(list) => list.iter().cloned().map(Some).collect(),
     };
-    let pending = Arc::new(AtomicUsize::new(scopes.len()));
-    let controllers: Vec<_> = scopes
-        .into_iter()
-        .map(|scope| {
-            let (pending, readiness) = (pending.clone(), readiness.clone());
-            let ready = move || {
-                if pending.fetch_sub(1, Ordering::SeqCst) == 1 {
-                    readiness.set(true);
-                    info!("ready");
-                }
-            };
-            controller::run_scope(shared.clone(), settings.clone(), scope, shutdown.clone(), ready)
-        })
-        .collect();
+    // Two controllers per scope (endpoints, key schedules); ready once
+    // every one of them has filled its caches.
+    let pending = Arc::new(AtomicUsize::new(2 * scopes.len()));
+    let ready = || {
+        let (pending, readiness) = (pending.clone(), readiness.clone());
+        move || {
+            if pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+                readiness.set(true);
+                info!("ready");
+            }
+        }
+    };
+    let mut controllers: Vec<futures::future::BoxFuture<'static, ()>> = Vec::new();
+    for scope in scopes {
+        controllers.push(
+            controller::run_scope(shared.clone(), settings.clone(), scope.clone(), shutdown.clone(), ready()).boxed(),
+        );
+        controllers.push(
+            crate::keyrotation::controller::run_scope(
+                shared.client.clone(),
+                shared.clock.clone(),
+                shared.metrics.clone(),
+                scope,
+                settings.instance.clone(),
+                shutdown.clone(),
+                ready(),
+            )
+            .boxed(),
+        );
+    }
     let tiers = crate::ratelimittier::run(
         shared.client.clone(),
         match &settings.namespaces {

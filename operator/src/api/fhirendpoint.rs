@@ -334,6 +334,9 @@ pub struct KeyVersionsInForce {
     pub schedule: String,
     /// Versions the gateway accepts, newest first.
     pub versions: Vec<i64>,
+    /// Identifies the accepted key set (versions and when each was
+    /// issued); the pod template carries it, so a change rolls the pods.
+    pub fingerprint: String,
 }
 
 /// One safeguard's measurement.

@@ -132,10 +132,14 @@ pub struct KeyRotationScheduleStatus {
     /// Objects that use these keys and are rolled at each rotation.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub consumers: Vec<ObjectRef>,
-    /// The rotation under way, recorded before each step so that a restart
-    /// resumes it instead of starting another.
+    /// The rotation under way, recorded after each of its steps, so that a
+    /// restart resumes it instead of starting another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation: Option<RotationProgress>,
+    /// The value of the `fhiroperator.io/rotate` annotation that the last
+    /// manual rotation answered; a different value asks for another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_rotate_request: Option<String>,
 }
 
 /// One key version (metadata only).
@@ -144,9 +148,33 @@ pub struct KeyRotationScheduleStatus {
 pub struct KeyVersion {
     pub version: i64,
     pub created_at: Time,
-    /// When the version stops being accepted; absent for the current one.
+    /// When the version stops being accepted; absent while it is pending or
+    /// current.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
+    pub state: KeyVersionState,
+}
+
+/// Where a version is in its life.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyVersionState {
+    /// In the Secret and accepted by consumers, not yet handed to clients:
+    /// consumers are being rolled to accept it.
+    Pending,
+    /// The version clients use (`current.*` entries of the Secret).
+    Current,
+    /// The version before the current one: still accepted until `expiresAt`.
+    Previous,
+    /// No longer accepted; kept in the Secret (up to `keepVersions`) so
+    /// that data encrypted or signed with it can still be read.
+    Retired,
+}
+
+impl KeyVersionState {
+    /// Whether consumers accept keys of this version.
+    pub fn accepted(self) -> bool {
+        self != KeyVersionState::Retired
+    }
 }
 
 /// A rotation in progress.
@@ -157,9 +185,13 @@ pub struct RotationProgress {
     pub target_version: i64,
     pub phase: RotationPhase,
     pub started_at: Time,
+    /// The scheduled time this rotation serves; absent for a rotation asked
+    /// for by hand or by a change of `spec.clients`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<Time>,
 }
 
-/// Steps of a rotation, in order.
+/// Steps of a rotation, in order. Each is recorded once done.
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RotationPhase {
     /// The new version is in the Secret beside the old one.

@@ -76,7 +76,8 @@ pub struct Shared {
     pub capabilities: Arc<RwLock<Capabilities>>,
 }
 
-fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+/// An API of a namespaced kind in one namespace, or in all.
+pub(crate) fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
 {

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -21,6 +21,7 @@ use super::build::{
 use super::gateway::{self, GatewaySettings, Limits};
 use super::validate::Validated;
 use crate::api::SslMode;
+use crate::keyrotation::keys::GATEWAY_MAP_ENTRY;
 use crate::meta::hash_of;
 
 /// The uid and gid every container runs as (the distroless "nonroot" id).
@@ -254,10 +255,12 @@ pub fn deployment(v: &Validated<'_>, metadata: ObjectMeta, inputs: &Inputs, conf
         secret: Some(SecretVolumeSource {
             secret_name: Some(k.secret_name.clone()),
             default_mode: Some(SECRET_MODE),
+            // Only the gateway's map of accepted tokens: no other entry of
+            // the Secret (the tokens by client, retired versions) is mounted.
+            items: Some(vec![KeyToPath { key: GATEWAY_MAP_ENTRY.into(), path: GATEWAY_MAP_ENTRY.into(), mode: None }]),
             // The schedule's controller creates the Secret; until it does,
             // the gateway starts and refuses that schedule's clients.
             optional: Some(true),
-            ..Default::default()
         }),
         ..Default::default()
     }));

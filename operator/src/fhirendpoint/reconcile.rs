@@ -9,12 +9,11 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Resource, ResourceExt};
-use serde_json::json;
 use tracing::{info, instrument, warn};
 
 use super::build::{self, Children, Images, Inputs, KeySource};
@@ -26,10 +25,11 @@ use crate::api::{
     BackupPolicy, FhirEndpoint, FhirEndpointStatus, KeyAlgorithm, KeyRotationSchedule, KeyVersionsInForce,
     RateLimitTier, condition, reason,
 };
-use crate::apply::{Applier, ChildKind, WriteReason};
+use crate::apply::{Applier, ChildKind, WriteReason, apply_status, publish_event};
 use crate::conditions::{self, Clock, Desired};
 use crate::discovery::{Capabilities, PdbApi, PodDisruptionBudgetV1beta1};
-use crate::meta::{child_meta, hash_of, owner_ref};
+use crate::keyrotation::{self, rotation};
+use crate::meta::{child_meta, owner_ref};
 use crate::metrics::{SharedMetrics, WriteLabels};
 
 /// The field manager of this controller's writes.
@@ -161,10 +161,11 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
         },
         None => None,
     };
-    let (keys, key_facts, key_versions) = match key_sources(&v, &ctx.caches.key_schedules) {
-        Ok(found) => found,
-        Err(invalid) => return refuse(ep, ctx, invalid, now).await,
-    };
+    let KeyLookups { sources: keys, facts: key_facts, versions: key_versions, recheck: key_recheck } =
+        match key_sources(&v, &ctx.caches.key_schedules, now) {
+            Ok(found) => found,
+            Err(invalid) => return refuse(ep, ctx, invalid, now).await,
+        };
     let owner = owner_ref(ep);
     // What this reconcile wrote, for one summary event.
     let mut written = Vec::new();
@@ -247,7 +248,7 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
     conditions::set(&mut status.conditions, degraded, generation, now);
     write_status(ep, ctx, status).await?;
 
-    Ok(match renew_at {
+    Ok(match [renew_at, key_recheck].into_iter().flatten().min() {
         Some(at) => Action::requeue(until(now, at)),
         None => Action::await_change(),
     })
@@ -335,12 +336,28 @@ async fn block(v: &Validated<'_>, ctx: &Context, blocked: Blocked, now: Timestam
     Ok(Action::await_change())
 }
 
-type KeyLookups = (Vec<KeySource>, Vec<KeyScheduleFact>, Vec<KeyVersionsInForce>);
+/// How long after its next rotation was due a key schedule counts as
+/// overdue: a rotation waits for every consumer's rollout first.
+pub const ROTATION_SLACK: SignedDuration = SignedDuration::from_mins(30);
 
-fn key_sources(v: &Validated<'_>, schedules: &Store<KeyRotationSchedule>) -> Result<KeyLookups, InvalidSpec> {
+/// What the endpoint's key schedules give it.
+struct KeyLookups {
+    sources: Vec<KeySource>,
+    facts: Vec<KeyScheduleFact>,
+    versions: Vec<KeyVersionsInForce>,
+    /// When a schedule would become overdue, to look again then.
+    recheck: Option<Timestamp>,
+}
+
+fn key_sources(
+    v: &Validated<'_>,
+    schedules: &Store<KeyRotationSchedule>,
+    now: Timestamp,
+) -> Result<KeyLookups, InvalidSpec> {
     let mut sources = Vec::new();
     let mut facts = Vec::new();
     let mut versions = Vec::new();
+    let mut recheck = None;
     for (i, name) in v.endpoint.spec.auth.api_keys.iter().enumerate() {
         let Some(krs) = schedules.get(&ObjectRef::new(name).within(&v.namespace)) else {
             facts.push(KeyScheduleFact {
@@ -362,25 +379,37 @@ fn key_sources(v: &Validated<'_>, schedules: &Store<KeyRotationSchedule>) -> Res
             });
         }
         let status = krs.status.clone().unwrap_or_default();
-        let in_force: Vec<i64> = status.versions.iter().map(|k| k.version).collect();
+        let accepted = rotation::accepted(&status);
+        let fingerprint = rotation::fingerprint(&status);
         sources.push(KeySource {
             schedule: name.clone(),
-            secret_name: krs.spec.secret_name.clone().unwrap_or_else(|| format!("{name}-keys")),
-            versions_fingerprint: hash_of(&in_force),
+            secret_name: keyrotation::controller::secret_name(&krs),
+            versions_fingerprint: fingerprint.clone(),
         });
         let ready = status.conditions.iter().find(|c| c.type_ == condition::READY).map(|c| c.status == "True");
+        let overdue_since = status
+            .next_rotation_time
+            .as_ref()
+            .map(|t| t.0)
+            .filter(|due| !krs.spec.suspend && now > due.checked_add(ROTATION_SLACK).unwrap_or(Timestamp::MAX));
         facts.push(KeyScheduleFact {
             name: name.clone(),
             found: true,
             suspended: krs.spec.suspend,
             rotating: ready,
-            overdue_since: None,
+            overdue_since,
         });
-        if !in_force.is_empty() {
-            versions.push(KeyVersionsInForce { schedule: name.clone(), versions: in_force });
+        if let Some(due) = status.next_rotation_time.as_ref().map(|t| t.0) {
+            let check = due.checked_add(ROTATION_SLACK).unwrap_or(Timestamp::MAX);
+            if check > now {
+                recheck = Some(recheck.map_or(check, |r: Timestamp| r.min(check)));
+            }
+        }
+        if !accepted.is_empty() {
+            versions.push(KeyVersionsInForce { schedule: name.clone(), versions: accepted, fingerprint });
         }
     }
-    Ok((sources, facts, versions))
+    Ok(KeyLookups { sources, facts, versions, recheck })
 }
 
 fn backup_fact(v: &Validated<'_>, backups: &Store<BackupPolicy>) -> BackupFact {
@@ -499,15 +528,9 @@ async fn ensure<K: ChildKind>(
         source,
     })?;
     if let Some(why) = applied.written() {
-        let label = match why {
-            WriteReason::Missing => "missing",
-            WriteReason::Changed => "changed",
-            WriteReason::Drifted => "drifted",
-            WriteReason::Unknown => "unknown",
-        };
         ctx.metrics
             .writes
-            .get_or_create(&WriteLabels { controller: CONTROLLER, kind: kind.clone(), reason: label })
+            .get_or_create(&WriteLabels { controller: CONTROLLER, kind: kind.clone(), reason: why.label() })
             .inc();
         if why == WriteReason::Drifted {
             publish(
@@ -599,21 +622,11 @@ async fn write_status(ep: &FhirEndpoint, ctx: &Context, status: FhirEndpointStat
         return Ok(());
     }
     let api: Api<FhirEndpoint> = Api::namespaced(ctx.applier.client().clone(), &ep.namespace().unwrap_or_default());
-    let patch = json!({
-        "apiVersion": FhirEndpoint::api_version(&()),
-        "kind": FhirEndpoint::kind(&()),
-        "status": status,
-    });
-    api.patch_status(&ep.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch))
-        .await
-        .map_err(Error::Status)?;
-    Ok(())
+    apply_status(&api, &ep.name_any(), &status, FIELD_MANAGER).await.map_err(Error::Status)
 }
 
 /// Publishes an event; a failure to record it is logged, not fatal.
 async fn publish(ctx: &Context, ep: &FhirEndpoint, type_: EventType, reason: &str, note: String) {
     let event = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
-    if let Err(e) = ctx.recorder.publish(&event, &ep.object_ref(&())).await {
-        warn!(error = %e, reason, "could not record an event");
-    }
+    publish_event(&ctx.recorder, ep, event).await;
 }

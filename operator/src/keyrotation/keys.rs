@@ -208,6 +208,55 @@ fn parse_entry(name: &str) -> Option<(i64, &str)> {
     Some((digits.parse().ok()?, rest))
 }
 
+/// The version of a versioned entry name `v{N}.…`, if it is one.
+pub fn entry_version(name: &str) -> Option<i64> {
+    parse_entry(name).map(|(version, _)| version)
+}
+
+/// The client ids that have a token in `version` (`api-key`).
+pub fn clients_of(data: &BTreeMap<String, ByteString>, version: i64) -> BTreeSet<String> {
+    data.keys()
+        .filter_map(|name| parse_entry(name))
+        .filter(|(v, _)| *v == version)
+        .filter_map(|(_, rest)| rest.strip_prefix("client."))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Removes (and zeroes) the token entries of clients not in `clients`,
+/// in every version.
+pub fn revoke_other_clients(data: &mut BTreeMap<String, ByteString>, clients: &[String]) {
+    let revoked: Vec<String> = data
+        .keys()
+        .filter(|name| {
+            parse_entry(name)
+                .and_then(|(_, rest)| rest.strip_prefix("client."))
+                .is_some_and(|client| !clients.iter().any(|c| c == client))
+        })
+        .cloned()
+        .collect();
+    for name in revoked {
+        if let Some(mut value) = data.remove(&name) {
+            value.0.zeroize();
+        }
+    }
+}
+
+/// The entries of the current version again under `current.{rest}`
+/// (`current.client.{client}`, `current.key`, `current.private.pem`, ...),
+/// so that a client reads its key without looking up the version first.
+pub fn current_aliases(data: &BTreeMap<String, ByteString>, current: i64) -> BTreeMap<String, ByteString> {
+    data.iter()
+        .filter_map(|(name, value)| {
+            let (version, rest) = parse_entry(name)?;
+            (version == current).then(|| (format!("{CURRENT_PREFIX}{rest}"), value.clone()))
+        })
+        .collect()
+}
+
+/// Prefix of the entries that repeat the current version's.
+pub const CURRENT_PREFIX: &str = "current.";
+
 /// The versions the Secret holds entries of. Names that are not `v{N}.…`
 /// (such as `api-keys.map`) or are malformed are ignored.
 pub fn versions(data: &BTreeMap<String, ByteString>) -> BTreeSet<i64> {
