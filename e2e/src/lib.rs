@@ -9,6 +9,7 @@
 
 pub mod control_plane;
 pub mod examples;
+pub mod helm;
 pub mod operator;
 
 use std::path::{Path, PathBuf};
