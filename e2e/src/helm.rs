@@ -1,12 +1,11 @@
 //! Helm for the tests: the real Helm v4 Go SDK, through the pinned PyPI
-//! package `helm-python-sdk` in a virtualenv outside the clone (set up by
-//! `e2e/helm.sh`, which `.ci/run` also calls) and the bridge `e2e/helm.py`.
+//! package `helm-python-sdk` in the tests' virtualenv (`crate::venv`) and
+//! the bridge `e2e/helm.py`.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -14,31 +13,6 @@ use serde_json::{Value, json};
 /// The chart in this repository.
 pub fn chart_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("charts").join("fhir-operator")
-}
-
-/// The virtualenv's python, after `e2e/helm.sh` made sure it holds the
-/// pinned SDK (once per test process; the script is idempotent and locks).
-fn python() -> Result<&'static Path> {
-    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let found = PYTHON.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("helm.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .map_err(|e| format!("running {}: {e}", script.display()))?;
-        if !out.status.success() {
-            return Err(format!(
-                "{} failed ({}): Helm for the tests is the PyPI package helm-python-sdk in a \
-                 virtualenv; it needs python3 with venv (Debian: apt-get install python3 python3-venv) \
-                 and access to the package registry",
-                script.display(),
-                out.status
-            ));
-        }
-        Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-    });
-    found.as_deref().map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// A refusal by Helm itself (lint errors are data, not refusals).
@@ -51,7 +25,7 @@ pub struct HelmError {
 /// Sends one request to the bridge: `Ok(Err(..))` is Helm saying no.
 pub fn call(request: &Value) -> Result<Result<Value, HelmError>> {
     let bridge = Path::new(env!("CARGO_MANIFEST_DIR")).join("helm.py");
-    let mut child = Command::new(python()?)
+    let mut child = Command::new(crate::venv::tool("python")?)
         .arg(&bridge)
         // The bridge's directory first on sys.path, never the chart's.
         .current_dir(std::env::temp_dir())

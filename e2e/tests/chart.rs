@@ -1,4 +1,4 @@
-//! The Helm chart, with Helm's own Go SDK (`e2e/helm.sh`) and a real
+//! The Helm chart, with Helm's own Go SDK (`e2e/helm.py`) and a real
 //! kube-apiserver: it lints clean, renders with default and other values,
 //! its Deployment meets Pod Security "restricted", its RBAC is exactly
 //! `operator/src/rbac.rs`, its values schema refuses wrong types, the API
