@@ -12,7 +12,7 @@ DEMO_NAMESPACE ?= fhir-demo
 # its own control plane (about 5 s) unless USE_EXISTING_CLUSTER=true.
 TEST_RUNNER := $(if $(shell command -v cargo-nextest),cargo nextest run --no-fail-fast,cargo test --no-fail-fast)
 
-.PHONY: help test unit e2e lint crds cluster cluster-down demo build bench
+.PHONY: help test unit e2e lint crds chart cluster cluster-down demo build bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -41,8 +41,11 @@ lint: ## rustfmt and clippy, warnings are errors
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-crds: ## regenerate crds/ from the Rust types
-	cargo run -q -p fhir-operator -- crds --out-dir crds
+crds: ## regenerate crds/ and the chart's crds/ from the Rust types
+	cargo run -q -p fhir-operator -- crds --out-dir crds --out-dir charts/fhir-operator/crds
+
+chart: crds ## regenerate the chart's generated files: crds/ and the RBAC rules from operator/src/rbac.rs
+	cargo run -q -p fhir-operator -- chart-rbac --out charts/fhir-operator/templates/_rules.tpl
 
 cluster: ## start a local control plane with the CRDs installed
 	@$(CONTROL_PLANE) up >/dev/null

@@ -9,7 +9,9 @@
 
 pub mod control_plane;
 pub mod examples;
+pub mod helm;
 pub mod operator;
+pub mod venv;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

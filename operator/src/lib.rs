@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod apply;
+pub mod chart;
 pub mod conditions;
 pub mod discovery;
 pub mod fhirendpoint;

@@ -22,9 +22,16 @@ enum Command {
     GatewayMetrics(fhir_operator::gateway_metrics::Args),
     /// Print the CustomResourceDefinitions of every kind, as YAML.
     Crds {
-        /// Write one file per kind into this directory instead (`crds/`).
+        /// Write one file per kind into this directory instead (`crds/`);
+        /// repeat for several (the Helm chart's `crds/` too).
         #[arg(long, value_name = "DIR")]
-        out_dir: Option<PathBuf>,
+        out_dir: Vec<PathBuf>,
+    },
+    /// Print the Helm chart's RBAC rules template, generated from the operator's rules.
+    ChartRbac {
+        /// Write it to this file instead (`charts/fhir-operator/templates/_rules.tpl`).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -32,6 +39,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Crds { out_dir } => print_crds(out_dir),
+        Command::ChartRbac { out } => {
+            let text = fhir_operator::chart::rules_template(fhir_operator::rbac::RULES);
+            match out {
+                Some(path) => std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display())),
+                None => {
+                    print!("{text}");
+                    Ok(())
+                }
+            }
+        }
         Command::Render(args) => {
             fhir_operator::render::render(&args).map(|out| print!("{out}")).map_err(|e| e.to_string())
         }
@@ -61,15 +78,15 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
     }
 }
 
-fn print_crds(out_dir: Option<PathBuf>) -> Result<(), String> {
+fn print_crds(out_dirs: Vec<PathBuf>) -> Result<(), String> {
     for (stem, crd) in api::crds() {
         let text = api::crd_yaml(&crd).map_err(|e| format!("rendering the {stem} CRD: {e}"))?;
-        match &out_dir {
-            Some(dir) => {
-                let path = dir.join(format!("{stem}.yaml"));
-                std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
-            }
-            None => print!("{text}"),
+        if out_dirs.is_empty() {
+            print!("{text}");
+        }
+        for dir in &out_dirs {
+            let path = dir.join(format!("{stem}.yaml"));
+            std::fs::write(&path, &text).map_err(|e| format!("writing {}: {e}", path.display()))?;
         }
     }
     Ok(())

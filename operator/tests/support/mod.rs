@@ -22,6 +22,9 @@ pub const CURL: Tool = Tool { name: "curl", package: "curl" };
 pub const OPENSSL: Tool = Tool { name: "openssl", package: "openssl" };
 pub const SETPRIV: Tool = Tool { name: "setpriv", package: "util-linux" };
 pub const KILL: Tool = Tool { name: "kill", package: "procps" };
+/// Argo CD runs health checks in gopher-lua, a Lua 5.1.
+pub const LUA51: Tool = Tool { name: "lua5.1", package: "lua5.1" };
+pub const LUA54: Tool = Tool { name: "lua5.4", package: "lua5.4" };
 
 /// Finds a tool on PATH or in the sbin directories (nginx lives in
 /// /usr/sbin, often not on a user's PATH); fails loudly when it is missing.
