@@ -62,7 +62,9 @@ pub struct Operator {
 
 impl Operator {
     /// Starts `fhir-operator run` with `kubeconfig` and extra arguments,
-    /// and waits until `/readyz` says ready.
+    /// and waits until `/readyz` says ready. Leader election is off unless
+    /// `extra` sets `--leader-elect`: a test that kills and restarts the
+    /// operator would otherwise wait out the dead process's lease each time.
     pub fn start(kubeconfig: &Path, extra: &[&str]) -> Result<Self> {
         let bin = binary();
         if !bin.is_file() {
@@ -87,9 +89,11 @@ impl Operator {
             }
             None => Command::new(&bin),
         };
-        cmd.arg("run")
-            .arg(format!("--metrics-addr=127.0.0.1:{port}"))
-            .args(extra)
+        cmd.arg("run").arg(format!("--metrics-addr=127.0.0.1:{port}"));
+        if !extra.iter().any(|a| a.starts_with("--leader-elect")) {
+            cmd.arg("--leader-elect=false");
+        }
+        cmd.args(extra)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,fhir_operator=debug")
             .stdin(Stdio::null())

@@ -204,7 +204,8 @@ fn non_default_values_render_a_namespaced_install_with_a_service_monitor() {
     assert_no_wildcard(&objects);
     let roles = of_kind(&objects, "Role");
     let namespaces: BTreeSet<&str> = roles.iter().filter_map(|r| r["metadata"]["namespace"].as_str()).collect();
-    assert_eq!(namespaces, BTreeSet::from(["clinic-a", "clinic-b"]));
+    // The watched namespaces, and the release's own for the leader Lease.
+    assert_eq!(namespaces, BTreeSet::from(["clinic-a", "clinic-b", "fhir-system"]));
     let bindings = of_kind(&objects, "RoleBinding");
     assert_eq!(bindings.len(), roles.len());
     let cluster_role = one(&objects, "ClusterRole");
@@ -218,11 +219,18 @@ fn non_default_values_render_a_namespaced_install_with_a_service_monitor() {
     assert!(!triples(&cluster_role["rules"]).iter().any(|(_, r, _)| r == "secrets"), "no cluster-wide Secrets");
     // Together they grant exactly rbac.rs, no more and no less.
     let mut granted = triples(&cluster_role["rules"]);
-    for role in &roles {
+    let watched: Vec<&Value> = roles.iter().copied().filter(|r| r["metadata"]["namespace"] != "fhir-system").collect();
+    for role in &watched {
         let mine = triples(&role["rules"]);
-        assert_eq!(mine, triples(&roles[0]["rules"]), "every watched namespace gets the same rules");
+        assert_eq!(mine, triples(&watched[0]["rules"]), "every watched namespace gets the same rules");
         granted.extend(mine);
     }
+    let own: Vec<&Value> = roles.iter().copied().filter(|r| r["metadata"]["namespace"] == "fhir-system").collect();
+    assert_eq!(own.len(), 1, "one Role in the release namespace");
+    for (group, resource, _) in triples(&own[0]["rules"]) {
+        assert_eq!((group.as_str(), resource.as_str()), ("coordination.k8s.io", "leases"), "only the Lease there");
+    }
+    granted.extend(triples(&own[0]["rules"]));
     assert_eq!(granted, rbac_rs_triples());
 }
 
@@ -399,8 +407,12 @@ async fn the_operator_works_with_only_the_charts_namespaced_rbac() {
         .patch("trial", &apply, &Patch::Apply(example("FhirEndpoint", "trial")))
         .await
         .expect("endpoint in B");
-    let operator = Operator::start(cluster.operator_kubeconfig(), &["--namespace", &ns_a])
-        .expect("the operator starts and is ready");
+    // With leader election on its Lease in the release namespace, as the
+    // chart runs it (the chart's own Role grants leases there only).
+    let lease_ns = format!("--lease-namespace={release_ns}");
+    let operator =
+        Operator::start(cluster.operator_kubeconfig(), &["--namespace", &ns_a, "--leader-elect=true", &lease_ns])
+            .expect("the operator starts and is ready");
 
     let tiers: Api<RateLimitTier> = Api::all(client.clone());
     tiers.patch("bronze", &apply, &Patch::Apply(example("RateLimitTier", "bronze"))).await.expect("tier");

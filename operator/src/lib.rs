@@ -9,6 +9,7 @@ pub mod discovery;
 pub mod fhirendpoint;
 pub mod gateway_metrics;
 pub mod keyrotation;
+pub mod leader;
 pub mod meta;
 pub mod metrics;
 pub mod ratelimittier;

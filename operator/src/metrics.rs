@@ -6,6 +6,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -45,6 +46,9 @@ pub struct Metrics {
     pub duration: Family<ControllerLabels, Histogram>,
     pub writes: Family<WriteLabels, Counter>,
     pub steps: Family<StepLabels, Counter>,
+    /// 1 while this process holds the leader lease (or runs without leader
+    /// election), 0 otherwise.
+    pub leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -68,7 +72,9 @@ impl Default for Metrics {
         );
         let steps = Family::<StepLabels, Counter>::default();
         registry.register("key_rotation_steps", "Key rotation steps taken, by step (the event reason)", steps.clone());
-        Self { registry, reconciliations, errors, invalid_specs, duration, writes, steps }
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this process leads and runs the controllers", leader.clone());
+        Self { registry, reconciliations, errors, invalid_specs, duration, writes, steps, leader }
     }
 }
 

@@ -69,6 +69,12 @@ pub const RULES: &[Rule] = &[
         why: "monitoring children, where the cluster serves them (monitoring.rs)",
     },
     Rule {
+        api_group: "coordination.k8s.io",
+        resources: &["leases"],
+        verbs: &["get", "create", "patch"],
+        why: "leader election (leader.rs): one Lease, created if missing and renewed with server-side apply",
+    },
+    Rule {
         api_group: "events.k8s.io",
         resources: &["events"],
         verbs: &["create", "patch"],

@@ -16,8 +16,9 @@ use crate::discovery;
 use crate::fhirendpoint::build::Images;
 use crate::fhirendpoint::controller::{self, Settings, Shared};
 use crate::fhirendpoint::reconcile::FIELD_MANAGER;
+use crate::leader::{Candidate, LeaseSettings};
 use crate::metrics::Metrics;
-use crate::server::{self, Readiness};
+use crate::server::{self, Readiness, Ready};
 
 /// Arguments of `fhir-operator run`.
 #[derive(clap::Args, Debug, Clone)]
@@ -37,6 +38,22 @@ pub struct RunArgs {
     /// Image of the gateway-metrics sidecar (the operator's own image).
     #[arg(long, env = "FHIR_OPERATOR_IMAGE", default_value_t = Images::default().metrics)]
     pub sidecar_image: String,
+    /// Run the controllers only while holding a Lease, so that of several
+    /// replicas one reconciles at a time. `--leader-elect=false` for a
+    /// single process that needs no Lease.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "FHIR_OPERATOR_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Name of the `coordination.k8s.io/v1` Lease.
+    #[arg(long, default_value = "fhir-operator", env = "FHIR_OPERATOR_LEASE_NAME")]
+    pub lease_name: String,
+    /// Namespace of the Lease. Default: the pod's (`POD_NAMESPACE`), or the
+    /// kubeconfig's namespace.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// How long the Lease stays valid without renewal: the longest a standby
+    /// waits after the leader dies (it takes over at once after a SIGTERM).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
     /// How often to rediscover optional APIs (monitoring, PDB), e.g. `5m`.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub discovery_interval: Duration,
@@ -44,6 +61,10 @@ pub struct RunArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    #[error("leader election: {0}")]
+    Lease(#[source] kube_lease_manager::LeaseManagerError),
+    #[error("lost the leader lease; stopping so that only one replica reconciles")]
+    LostLease,
     #[error("no Kubernetes client configuration (KUBECONFIG, ~/.kube/config or in-cluster): {0}")]
     Client(#[source] kube::Error),
     #[error("discovering the cluster's APIs: {0}")]
@@ -77,6 +98,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::default());
     let readiness = Readiness::default();
     let shutdown = shutdown_signal().boxed().shared();
+    let mut server =
+        tokio::spawn(server::serve(args.metrics_addr, metrics.clone(), readiness.clone(), shutdown.clone()));
     let shared = Shared {
         client: client.clone(),
         applier: Applier::new(client.clone(), FIELD_MANAGER),
@@ -91,6 +114,90 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         discovery_interval: args.discovery_interval,
         instance: std::env::var("POD_NAME").ok(),
     };
+
+    let work = async {
+        let mut candidate = None;
+        if args.leader_elect {
+            let lease = LeaseSettings {
+                name: args.lease_name.clone(),
+                namespace: args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned()),
+                identity: identity(),
+                duration: args.lease_duration,
+            };
+            info!(lease = %lease.name, namespace = %lease.namespace, identity = %lease.identity, "waiting for the lease");
+            let mut c = Candidate::start(client.clone(), lease).await.map_err(RunError::Lease)?;
+            readiness.set(Ready::Standby);
+            tokio::select! {
+                _ = c.acquired() => {}
+                _ = shutdown.clone() => {
+                    c.release().await;
+                    return Ok(());
+                }
+            }
+            candidate = Some(c);
+        }
+        readiness.set(Ready::No);
+        metrics.leader.set(1);
+        let controllers = controllers(&shared, &settings, shutdown.clone(), &readiness);
+        match candidate {
+            None => controllers.await,
+            Some(mut c) => {
+                tokio::select! {
+                    _ = controllers => c.release().await,
+                    // Another replica may be reconciling now: stop at once,
+                    // the kubelet restarts this one as a standby.
+                    _ = c.lost() => return Err(RunError::LostLease),
+                }
+            }
+        }
+        Ok(())
+    };
+    tokio::pin!(work);
+    tokio::select! {
+        served = &mut server => {
+            // The server stops on SIGTERM or SIGINT (or fails to start):
+            // let the controllers stop too, and the lease be released.
+            served_result(served, args.metrics_addr)?;
+            (&mut work).await?;
+        }
+        result = &mut work => {
+            result?;
+            served_result(server.await, args.metrics_addr)?;
+        }
+    }
+    info!("stopped");
+    Ok(())
+}
+
+fn served_result(
+    served: Result<std::io::Result<()>, tokio::task::JoinError>,
+    addr: SocketAddr,
+) -> Result<(), RunError> {
+    match served {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(source)) => Err(RunError::Serve { addr, source }),
+        Err(e) => Err(RunError::Serve { addr, source: std::io::Error::other(e) }),
+    }
+}
+
+/// This process's identity in the election: the pod name in a cluster,
+/// otherwise host name and process id.
+fn identity() -> String {
+    std::env::var("POD_NAME").unwrap_or_else(|_| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let host = host.trim();
+        format!("{}-{}", if host.is_empty() { "fhir-operator" } else { host }, std::process::id())
+    })
+}
+
+/// Every controller of every scope, until `shutdown`; `readiness` turns
+/// ready once all of their caches are filled.
+async fn controllers(
+    shared: &Shared,
+    settings: &Settings,
+    shutdown: future::Shared<future::BoxFuture<'static, ()>>,
+    readiness: &Readiness,
+) {
     let scopes: Vec<Option<String>> = match &settings.namespaces {
         None => vec![None],
         Some(list) => list.iter().cloned().map(Some).collect(),
@@ -102,17 +209,17 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         let (pending, readiness) = (pending.clone(), readiness.clone());
         move || {
             if pending.fetch_sub(1, Ordering::SeqCst) == 1 {
-                readiness.set(true);
+                readiness.set(Ready::Yes);
                 info!("ready");
             }
         }
     };
-    let mut controllers: Vec<futures::future::BoxFuture<'static, ()>> = Vec::new();
-    for scope in scopes {
-        controllers.push(
+    let mut running: Vec<future::BoxFuture<'static, ()>> = Vec::new();
+    for scope in scopes.clone() {
+        running.push(
             controller::run_scope(shared.clone(), settings.clone(), scope.clone(), shutdown.clone(), ready()).boxed(),
         );
-        controllers.push(
+        running.push(
             crate::keyrotation::controller::run_scope(
                 shared.client.clone(),
                 shared.clock.clone(),
@@ -127,21 +234,18 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     }
     let tiers = crate::ratelimittier::run(
         shared.client.clone(),
-        match &settings.namespaces {
-            None => vec![None],
-            Some(list) => list.iter().cloned().map(Some).collect(),
-        },
+        scopes,
         shared.clock.clone(),
         shared.metrics.clone(),
         shutdown.clone(),
     );
-    let refresh = controller::refresh_capabilities(client, shared.capabilities.clone(), args.discovery_interval);
-    let serve = server::serve(args.metrics_addr, metrics, readiness, shutdown.clone());
+    let refresh = controller::refresh_capabilities(
+        shared.client.clone(),
+        shared.capabilities.clone(),
+        settings.discovery_interval,
+    );
     tokio::select! {
-        result = serve => result.map_err(|source| RunError::Serve { addr: args.metrics_addr, source })?,
-        _ = future::join(future::join_all(controllers), tiers) => {}
+        _ = future::join(future::join_all(running), tiers) => {}
         _ = refresh => {}
     }
-    info!("stopped");
-    Ok(())
 }

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -12,18 +12,34 @@ use axum::routing::get;
 
 use crate::metrics::SharedMetrics;
 
-/// Whether the operator is ready: its caches are filled (and, with leader
-/// election, it leads).
+/// What `/readyz` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Ready {
+    /// Starting, or leading with caches not yet filled: 503.
+    No = 0,
+    /// A standby waiting for the lease, able to take over: 200 `standby`.
+    /// (Ready, so that a rolling update of several replicas completes.)
+    Standby = 1,
+    /// Leading (or without leader election) with every cache filled: 200 `ok`.
+    Yes = 2,
+}
+
+/// The operator's readiness, shared with the HTTP server.
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness(Arc<AtomicU8>);
 
 impl Readiness {
-    pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
+    pub fn set(&self, ready: Ready) {
+        self.0.store(ready as u8, Ordering::SeqCst);
     }
 
-    pub fn get(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+    pub fn get(&self) -> Ready {
+        match self.0.load(Ordering::SeqCst) {
+            1 => Ready::Standby,
+            2 => Ready::Yes,
+            _ => Ready::No,
+        }
     }
 }
 
@@ -38,7 +54,11 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    if state.ready.get() { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+    match state.ready.get() {
+        Ready::Yes => (StatusCode::OK, "ok"),
+        Ready::Standby => (StatusCode::OK, "standby: waiting for the leader lease"),
+        Ready::No => (StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+    }
 }
 
 /// Serves until `shutdown` completes.
