@@ -1,8 +1,9 @@
 //! Leader election with real operator processes against a real API server:
 //! of two replicas only the leader reconciles; after `kill -9` of the leader
 //! the standby takes over within the lease duration; after SIGTERM the
-//! leader releases the lease and the standby takes over at once. The
-//! takeover times are printed.
+//! leader stops its controllers and releases the lease, and the standby
+//! takes over at its next check (the old lease's expiry). The takeover times
+//! are printed.
 
 use std::time::{Duration, Instant};
 
@@ -101,7 +102,8 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
     .await
     .unwrap();
 
-    // SIGTERM: the leader releases the lease, a new standby takes over at once.
+    // SIGTERM: the leader releases the lease; a new standby takes over
+    // before the lease would have expired.
     let third = candidate(&lease_ns);
     assert!(!leads(&third));
     let mut second = second;

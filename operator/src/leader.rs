@@ -72,7 +72,8 @@ impl Candidate {
         }
     }
 
-    /// Releases the lease (if held) so that a standby takes over at once.
+    /// Releases the lease (if held): no holder, so a standby takes it at its
+    /// next check instead of waiting for it to expire unrenewed.
     pub async fn release(self) {
         drop(self.leading);
         match self.task.await {

@@ -51,7 +51,7 @@ pub struct RunArgs {
     #[arg(long, env = "POD_NAMESPACE")]
     pub lease_namespace: Option<String>,
     /// How long the Lease stays valid without renewal: the longest a standby
-    /// waits after the leader dies (it takes over at once after a SIGTERM).
+    /// waits after the leader dies or releases the Lease on SIGTERM.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub lease_duration: Duration,
     /// How often to rediscover optional APIs (monitoring, PDB), e.g. `5m`.
