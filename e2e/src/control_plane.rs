@@ -72,7 +72,7 @@ pub fn cache_root() -> PathBuf {
 }
 
 fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("control-plane.sh")
+    crate::crate_dir().join("control-plane.sh")
 }
 
 impl Binaries {

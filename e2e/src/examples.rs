@@ -49,7 +49,7 @@ impl Example {
 
 /// The repository's `examples/` directory.
 pub fn examples_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("examples")
+    crate::crate_dir().join("..").join("examples")
 }
 
 /// Every valid example, sorted by file name.

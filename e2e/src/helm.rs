@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 /// The chart in this repository.
 pub fn chart_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("charts").join("fhir-operator")
+    crate::crate_dir().join("..").join("charts").join("fhir-operator")
 }
 
 /// A refusal by Helm itself (lint errors are data, not refusals).
@@ -24,7 +24,7 @@ pub struct HelmError {
 
 /// Sends one request to the bridge: `Ok(Err(..))` is Helm saying no.
 pub fn call(request: &Value) -> Result<Result<Value, HelmError>> {
-    let bridge = Path::new(env!("CARGO_MANIFEST_DIR")).join("helm.py");
+    let bridge = crate::crate_dir().join("helm.py");
     let mut child = Command::new(crate::venv::tool("python")?)
         .arg(&bridge)
         // The bridge's directory first on sys.path, never the chart's.

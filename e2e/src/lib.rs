@@ -27,6 +27,18 @@ use kube::{Client, Config};
 
 use control_plane::{ControlPlane, Lifetime};
 
+/// This crate's directory (`e2e/`). At run time cargo says where it is
+/// (`CARGO_MANIFEST_DIR` is set for tests and `cargo run`); the compile-time
+/// value is only the fallback, because one target directory is shared by
+/// several checkouts (CI's clones, worktrees) and this library is not
+/// rebuilt when only the checkout's path differs.
+pub fn crate_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .filter(|dir| dir.join("Cargo.toml").is_file() && dir.join("control-plane.sh").is_file())
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// The API server the tests talk to.
 pub struct TestCluster {
     kubeconfig: PathBuf,

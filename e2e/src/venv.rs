@@ -11,7 +11,7 @@ use anyhow::{Result, anyhow};
 fn bin_dir() -> Result<&'static Path> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let found = BIN.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("venv.sh");
+        let script = crate::crate_dir().join("venv.sh");
         let out = Command::new("bash")
             .arg(&script)
             .stderr(Stdio::inherit())

@@ -69,6 +69,22 @@ fn valid_examples_round_trip_through_the_types() {
     }
 }
 
+/// What the schema cannot check, the operator does: every example it ships
+/// must pass that too (a key schedule whose grace period is not shorter
+/// than its interval is refused as InvalidSpec, naming spec.gracePeriod).
+#[test]
+fn valid_example_key_schedules_pass_the_operators_own_checks() {
+    let schedules: Vec<Example> =
+        examples::valid().unwrap().into_iter().filter(|e| e.kind() == "KeyRotationSchedule").collect();
+    assert!(schedules.len() >= 3);
+    for example in schedules {
+        let krs: api::KeyRotationSchedule = serde_json::from_value(example.object.clone()).unwrap();
+        if let Err(e) = fhir_operator::keyrotation::rotation::settings(&krs.spec) {
+            panic!("{}: {e}", example.file_name());
+        }
+    }
+}
+
 fn roundtrip(example: &Example) -> Value {
     fn through<T: serde::de::DeserializeOwned + serde::Serialize>(obj: Value) -> serde_json::Result<Value> {
         serde_json::to_value(serde_json::from_value::<T>(obj)?)

@@ -16,7 +16,8 @@ use serde_json::{Value, json};
 use support::{LUA51, LUA54, tool};
 
 fn argocd_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/fhir-operator/argocd")
+    Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned()))
+        .join("../charts/fhir-operator/argocd")
 }
 
 /// A JSON value as a Lua constructor; null is nil, as Argo CD decodes it.

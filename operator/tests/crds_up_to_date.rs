@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use fhir_operator::{api, chart, rbac};
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned())).join("..")
 }
 
 /// `dir` (relative to the repository) holds exactly the generated CRDs.

@@ -12,7 +12,9 @@ use serde_json::Value;
 const BIN: &str = env!("CARGO_BIN_EXE_fhir-operator");
 
 fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("examples")
+    Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned()))
+        .join("..")
+        .join("examples")
 }
 
 fn render(args: &[&str]) -> (bool, String, String) {

@@ -85,7 +85,9 @@ const GAMMA: Client = Client { id: "gamma", key: "77e2b0a4c6d8f0e2a4c6d8f0b2d4f6
 
 /// Every `examples/ratelimittier-*.yaml`, by tier name, as users apply them.
 fn example_tiers() -> Vec<(String, Limits)> {
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let examples =
+        Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned()))
+            .join("../examples");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&examples)
         .unwrap_or_else(|e| panic!("read {}: {e}", examples.display()))
         .map(|entry| entry.expect("directory entry").path())
