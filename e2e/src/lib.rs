@@ -249,6 +249,22 @@ pub async fn mark_pods_ready(client: &Client, namespace: &str, selector: &str) -
     Ok(marked)
 }
 
+/// The stand-in kubelet: marks the endpoint pods of `namespace` ready
+/// every 200 ms (see [`mark_pods_ready`]) until `stop` is set, so that
+/// Deployments roll out through the real controllers.
+pub fn stand_in_kubelet(
+    client: Client,
+    namespace: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = mark_pods_ready(&client, &namespace, "app.kubernetes.io/name=fhir-endpoint").await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
 /// Write requests (create, update, patch, delete) the operator made, from
 /// the audit log, as `verb resource namespace/name` lines.
 pub fn operator_writes(audit_log: &Path) -> Result<Vec<String>> {

@@ -178,7 +178,17 @@ impl Operator {
 }
 
 impl Drop for Operator {
+    /// Stops the process; a failing test also shows what it said last.
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let tail: Vec<&str> = logs.lines().rev().take(60).collect();
+            eprintln!(
+                "--- last operator log lines (pid {}) ---\n{}",
+                self.pid(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         self.kill9();
     }
 }

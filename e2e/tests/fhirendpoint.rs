@@ -30,17 +30,6 @@ struct Env {
     operator: Operator,
 }
 
-impl Drop for Env {
-    /// A failing test shows what the operator said.
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let logs = self.operator.logs();
-            let tail: Vec<&str> = logs.lines().rev().take(40).collect();
-            eprintln!("--- last operator log lines ---\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
-        }
-    }
-}
-
 async fn setup(prefix: &str, operator_args: &[&str]) -> Env {
     let cluster = cluster();
     let client = cluster.client().await;

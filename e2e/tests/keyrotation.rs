@@ -22,7 +22,7 @@ use fhir_operator::keyrotation::keys::{self, GATEWAY_MAP_ENTRY};
 use fhir_operator::keyrotation::rotation::{ROTATE_ANNOTATION, fingerprint};
 use fhir_operator::meta::hash_of;
 use fhir_operator_e2e::operator::{Operator, grant_rbac};
-use fhir_operator_e2e::{apply_value, cluster, install_crds, mark_pods_ready, namespace, wait_for};
+use fhir_operator_e2e::{apply_value, cluster, install_crds, namespace, stand_in_kubelet, wait_for};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -40,17 +40,12 @@ struct Env {
     client: Client,
     ns: String,
     operator: Operator,
-    kubelet: Arc<AtomicBool>,
+    kubelet_stop: Arc<AtomicBool>,
 }
 
 impl Drop for Env {
     fn drop(&mut self) {
-        self.kubelet.store(false, Ordering::SeqCst);
-        if std::thread::panicking() {
-            let logs = self.operator.logs();
-            let tail: Vec<&str> = logs.lines().rev().take(60).collect();
-            eprintln!("--- last operator log lines ---\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
-        }
+        self.kubelet_stop.store(true, Ordering::SeqCst);
     }
 }
 
@@ -64,15 +59,9 @@ async fn setup(prefix: &str) -> Env {
     grant_rbac(&client).await.expect("RBAC");
     let ns = namespace(&client, prefix).await.expect("namespace");
     let operator = Operator::start(cluster.operator_kubeconfig(), &[]).expect("operator");
-    let kubelet = Arc::new(AtomicBool::new(true));
-    let (running, c, n) = (kubelet.clone(), client.clone(), ns.clone());
-    tokio::spawn(async move {
-        while running.load(Ordering::SeqCst) {
-            let _ = mark_pods_ready(&c, &n, "app.kubernetes.io/name=fhir-endpoint").await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
-    Env { client, ns, operator, kubelet }
+    let kubelet_stop = Arc::new(AtomicBool::new(false));
+    stand_in_kubelet(client.clone(), ns.clone(), kubelet_stop.clone());
+    Env { client, ns, operator, kubelet_stop }
 }
 
 /// An api-key schedule with two clients and the endpoint that uses it.

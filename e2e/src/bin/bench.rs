@@ -27,7 +27,7 @@ use fhir_operator::fhirendpoint::build::{self, Children, Images, Inputs};
 use fhir_operator::fhirendpoint::{tls, validate};
 use fhir_operator_e2e::control_plane::{ControlPlane, Lifetime};
 use fhir_operator_e2e::operator::{Operator, grant_rbac};
-use fhir_operator_e2e::{client_for, install_crds, mark_pods_ready, operator_requests, operator_writes};
+use fhir_operator_e2e::{client_for, install_crds, operator_requests, operator_writes, stand_in_kubelet};
 use futures::{StreamExt, stream};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
@@ -66,16 +66,6 @@ async fn create_namespace(client: &Client, name: &str) -> Result<()> {
     let ns = Namespace { metadata: ObjectMeta { name: Some(name.into()), ..Default::default() }, ..Default::default() };
     Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
     Ok(())
-}
-
-/// Marks pods ready until told to stop (the stand-in kubelet).
-fn kubelet(client: Client, ns: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        while !stop.load(Ordering::Relaxed) {
-            let _ = mark_pods_ready(&client, &ns, "app.kubernetes.io/name=fhir-endpoint").await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
 }
 
 async fn wait_until(what: &str, timeout: Duration, mut done: impl AsyncFnMut() -> Result<bool>) -> Result<()> {
@@ -200,7 +190,7 @@ async fn run_one(n: usize, concurrency: usize) -> Result<Figures> {
     // Baseline: the same children, no controller.
     create_namespace(&client, "baseline").await?;
     let stop = Arc::new(AtomicBool::new(false));
-    let kubelet_b = kubelet(client.clone(), "baseline".into(), stop.clone());
+    let kubelet_b = stand_in_kubelet(client.clone(), "baseline".into(), stop.clone());
     let applier = Applier::new(client.clone(), "bench/baseline");
     let started = Instant::now();
     let results: Vec<Result<()>> = stream::iter(0..n)
@@ -223,7 +213,7 @@ async fn run_one(n: usize, concurrency: usize) -> Result<Figures> {
     let before_writes = operator_writes(&plane.audit_log())?.len();
     create_namespace(&client, "operator").await?;
     let stop = Arc::new(AtomicBool::new(false));
-    let kubelet_o = kubelet(client.clone(), "operator".into(), stop.clone());
+    let kubelet_o = stand_in_kubelet(client.clone(), "operator".into(), stop.clone());
     let endpoints: Api<FhirEndpoint> = Api::namespaced(client.clone(), "operator");
     let params = PatchParams::apply("bench");
     let started = Instant::now();
