@@ -56,8 +56,11 @@ kubectl get fhirendpoints -n "$NS"
 echo
 kubectl get keyrotationschedules -n "$NS"
 echo
+kubectl get backuppolicies -n "$NS"
+echo
 kubectl get deployments,services,networkpolicies,configmaps,secrets -n "$NS" -l app.kubernetes.io/managed-by=fhir-operator
 echo
 say "no kubelet runs here, so pods stay Pending and Ready stays False (RollingOut);"
 say "  kubectl -n $NS get fhirendpoint patients -o yaml   shows conditions and compliance evidence"
+say "  kubectl -n $NS annotate bkp patients-nightly fhiroperator.io/backup-now=\$(date +%s)   creates a backup Job now"
 say "  make cluster-down                                  stops the operator and the control plane"

@@ -11,6 +11,8 @@ pub mod control_plane;
 pub mod examples;
 pub mod helm;
 pub mod operator;
+pub mod postgres;
+pub mod s3;
 pub mod venv;
 
 use std::path::{Path, PathBuf};
@@ -117,6 +119,7 @@ fn pick_cluster() -> Result<TestCluster> {
 
 /// A client from a kubeconfig file (its current context).
 pub async fn client_for(kubeconfig: &Path) -> Result<Client> {
+    fhir_operator::install_tls_provider();
     let kc = Kubeconfig::read_from(kubeconfig).with_context(|| format!("reading {}", kubeconfig.display()))?;
     let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
     Ok(Client::try_from(config)?)

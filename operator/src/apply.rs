@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::Stream;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -93,6 +94,13 @@ impl ChildKind for Secret {
 /// operator set bumps the generation, a status update does not.
 pub fn generation_version<K: Resource>(obj: &K) -> String {
     obj.meta().generation.unwrap_or_default().to_string()
+}
+
+impl ChildKind for Job {
+    /// The cache keeps labels, annotations and status: not the pod template.
+    fn slim(&mut self) {
+        self.spec = None;
+    }
 }
 
 impl ChildKind for Deployment {

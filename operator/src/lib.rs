@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod apply;
+pub mod backup;
 pub mod chart;
 pub mod conditions;
 pub mod discovery;
@@ -18,3 +19,10 @@ pub mod render;
 pub mod run;
 pub mod server;
 pub mod telemetry;
+
+/// Chooses ring as the process-wide TLS provider (kube's), before any
+/// client is built: two providers are linked (object_store's S3 client
+/// brings aws-lc-rs), and rustls refuses to guess. Idempotent.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -20,6 +20,10 @@ enum Command {
     Render(fhir_operator::render::RenderArgs),
     /// Sidecar: serve the gateway's access log as Prometheus metrics.
     GatewayMetrics(fhir_operator::gateway_metrics::Args),
+    /// Inside a backup or restore drill Job: encrypt and upload, fetch, verify.
+    BackupAgent(fhir_operator::backup::agent::AgentArgs),
+    /// Recover: restore a backup into a database you name, and verify it.
+    Restore(fhir_operator::backup::restore::RestoreArgs),
     /// Print the CustomResourceDefinitions of every kind, as YAML.
     Crds {
         /// Write one file per kind into this directory instead (`crds/`);
@@ -37,6 +41,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    fhir_operator::install_tls_provider();
     let result = match cli.command {
         Command::Crds { out_dir } => print_crds(out_dir),
         Command::ChartRbac { out } => {
@@ -53,6 +58,16 @@ fn main() -> ExitCode {
             fhir_operator::render::render(&args).map(|out| print!("{out}")).map_err(|e| e.to_string())
         }
         Command::Run(args) => block_on(fhir_operator::run::run(args)).map_err(|e| e.to_string()),
+        Command::BackupAgent(args) => block_on(fhir_operator::backup::agent::run(args)),
+        Command::Restore(args) => block_on(async {
+            let restored = fhir_operator::backup::restore::restore(&args).await.map_err(|e| e.to_string())?;
+            println!("{}", serde_json::to_string(&restored).unwrap_or_default());
+            eprintln!(
+                "restored backup {}: {} tables, {} rows, verified against its manifest; pg_restore took {:.1} s",
+                restored.backup, restored.tables, restored.rows, restored.restore_seconds
+            );
+            Ok::<(), String>(())
+        }),
         Command::GatewayMetrics(args) => block_on(async {
             fhir_operator::telemetry::init();
             fhir_operator::gateway_metrics::run(args).await

@@ -1,6 +1,7 @@
 //! The operator's own Prometheus metrics.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -37,6 +38,25 @@ pub struct StepLabels {
     pub step: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackupLabels {
+    /// Not `namespace` and `endpoint`: Prometheus's target labels of the
+    /// operator's own scrape would overwrite those.
+    pub policy_namespace: String,
+    pub policy: String,
+    pub fhir_endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RunLabels {
+    /// `backup` or `restore-drill`.
+    pub kind: &'static str,
+    /// `started`, `succeeded`, `failed` or `skipped`.
+    pub outcome: &'static str,
+}
+
+type SecondsGauge = Family<BackupLabels, Gauge<f64, AtomicU64>>;
+
 /// Every metric of the operator, registered once.
 pub struct Metrics {
     pub registry: Registry,
@@ -49,6 +69,15 @@ pub struct Metrics {
     /// 1 while this process holds the leader lease (or runs without leader
     /// election), 0 otherwise.
     pub leader: Gauge,
+    pub backup_runs: Family<RunLabels, Counter>,
+    /// Unix time of each policy's last successful backup.
+    pub backup_last_success: SecondsGauge,
+    /// Unix time of each policy's last verified restore.
+    pub restore_last_verified: SecondsGauge,
+    /// How old the last successful backup may be: twice the interval.
+    pub backup_max_age: SecondsGauge,
+    /// How old the last verified restore may be: the drill interval plus slack.
+    pub restore_max_age: SecondsGauge,
 }
 
 impl Default for Metrics {
@@ -74,7 +103,47 @@ impl Default for Metrics {
         registry.register("key_rotation_steps", "Key rotation steps taken, by step (the event reason)", steps.clone());
         let leader = Gauge::default();
         registry.register("leader", "1 while this process leads and runs the controllers", leader.clone());
-        Self { registry, reconciliations, errors, invalid_specs, duration, writes, steps, leader }
+        let backup_runs = Family::<RunLabels, Counter>::default();
+        registry.register("backup_runs", "Backup and restore drill runs, by kind and outcome", backup_runs.clone());
+        let backup_last_success = SecondsGauge::default();
+        registry.register(
+            "backup_last_success_timestamp_seconds",
+            "Unix time of the policy's last successful backup",
+            backup_last_success.clone(),
+        );
+        let restore_last_verified = SecondsGauge::default();
+        registry.register(
+            "restore_last_verified_timestamp_seconds",
+            "Unix time of the policy's last verified restore drill",
+            restore_last_verified.clone(),
+        );
+        let backup_max_age = SecondsGauge::default();
+        registry.register(
+            "backup_max_age_seconds",
+            "How old the last successful backup may get (twice the schedule interval)",
+            backup_max_age.clone(),
+        );
+        let restore_max_age = SecondsGauge::default();
+        registry.register(
+            "restore_max_age_seconds",
+            "How old the last verified restore may get (the drill interval plus 30 minutes)",
+            restore_max_age.clone(),
+        );
+        Self {
+            registry,
+            reconciliations,
+            errors,
+            invalid_specs,
+            duration,
+            writes,
+            steps,
+            leader,
+            backup_runs,
+            backup_last_success,
+            restore_last_verified,
+            backup_max_age,
+            restore_max_age,
+        }
     }
 }
 

@@ -28,10 +28,16 @@ pub const RULES: &[Rule] = &[
     },
     Rule {
         api_group: "fhiroperator.io",
-        resources: &["fhirendpoints/status", "ratelimittiers/status", "keyrotationschedules/status"],
+        resources: &[
+            "fhirendpoints/status",
+            "ratelimittiers/status",
+            "keyrotationschedules/status",
+            "backuppolicies/status",
+        ],
         verbs: &["patch"],
-        why: "fhirendpoint::reconcile::write_status, ratelimittier::reconcile and \
-              keyrotation::controller::write_status apply the status subresource",
+        why: "fhirendpoint::reconcile::write_status, ratelimittier::reconcile, \
+              keyrotation::controller::write_status and backup::controller::write_status apply the status \
+              subresource",
     },
     Rule {
         api_group: "",
@@ -50,6 +56,19 @@ pub const RULES: &[Rule] = &[
               (label-filtered, data dropped from the cache)",
     },
     Rule { api_group: "apps", resources: &["deployments"], verbs: OWN, why: "the endpoint's Deployment (pod.rs)" },
+    Rule {
+        api_group: "batch",
+        resources: &["jobs"],
+        verbs: &["get", "list", "watch", "create", "delete"],
+        why: "backup and restore drill Jobs (backup/job.rs): created once per slot, deleted once their result \
+              is in status (backup/controller.rs)",
+    },
+    Rule {
+        api_group: "",
+        resources: &["pods"],
+        verbs: &["list"],
+        why: "a finished backup Job's result is its pod's termination message (backup::controller::job_views)",
+    },
     Rule {
         api_group: "networking.k8s.io",
         resources: &["networkpolicies"],

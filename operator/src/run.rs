@@ -11,6 +11,8 @@ use kube::Client;
 use tracing::info;
 
 use crate::apply::Applier;
+use crate::backup::job::JobImages;
+use crate::conditions::FastClock;
 use crate::conditions::SystemClock;
 use crate::discovery;
 use crate::fhirendpoint::build::Images;
@@ -54,6 +56,19 @@ pub struct RunArgs {
     /// waits after the leader dies or releases the Lease on SIGTERM.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub lease_duration: Duration,
+    /// PostgreSQL image of the backup and restore drill Jobs (pg_dump,
+    /// pg_restore, a scratch server): its major version must be at least
+    /// the databases' (pg_dump refuses newer servers).
+    #[arg(long, env = "FHIR_OPERATOR_POSTGRES_IMAGE", default_value = "postgres:15")]
+    pub postgres_image: String,
+    /// Testing only: the backup controller's clock runs this many times
+    /// faster than real time from --backup-clock-origin, so that cron slots
+    /// minutes apart come seconds apart.
+    #[arg(long, hide = true, requires = "backup_clock_origin")]
+    pub backup_clock_rate: Option<u32>,
+    /// Testing only: where the fast backup clock equals real time.
+    #[arg(long, hide = true)]
+    pub backup_clock_origin: Option<k8s_openapi::jiff::Timestamp>,
     /// How often to rediscover optional APIs (monitoring, PDB), e.g. `5m`.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub discovery_interval: Duration,
@@ -113,6 +128,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         concurrency: args.concurrency,
         discovery_interval: args.discovery_interval,
         instance: std::env::var("POD_NAME").ok(),
+        backup_images: JobImages { agent: args.sidecar_image.clone(), postgres: args.postgres_image.clone() },
+        backup_clock: match (args.backup_clock_rate, args.backup_clock_origin) {
+            (Some(rate), Some(origin)) => Arc::new(FastClock { origin, rate }),
+            _ => Arc::new(SystemClock),
+        },
     };
 
     let work = async {
@@ -202,9 +222,9 @@ async fn controllers(
         None => vec![None],
         Some(list) => list.iter().cloned().map(Some).collect(),
     };
-    // Two controllers per scope (endpoints, key schedules); ready once
-    // every one of them has filled its caches.
-    let pending = Arc::new(AtomicUsize::new(2 * scopes.len()));
+    // Three controllers per scope (endpoints, key schedules, backup
+    // policies); ready once every one of them has filled its caches.
+    let pending = Arc::new(AtomicUsize::new(3 * scopes.len()));
     let ready = || {
         let (pending, readiness) = (pending.clone(), readiness.clone());
         move || {
@@ -218,6 +238,19 @@ async fn controllers(
     for scope in scopes.clone() {
         running.push(
             controller::run_scope(shared.clone(), settings.clone(), scope.clone(), shutdown.clone(), ready()).boxed(),
+        );
+        running.push(
+            crate::backup::controller::run_scope(
+                shared.client.clone(),
+                settings.backup_clock.clone(),
+                shared.metrics.clone(),
+                settings.backup_images.clone(),
+                scope.clone(),
+                settings.instance.clone(),
+                shutdown.clone(),
+                ready(),
+            )
+            .boxed(),
         );
         running.push(
             crate::keyrotation::controller::run_scope(

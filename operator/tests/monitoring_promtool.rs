@@ -10,7 +10,8 @@ use std::path::Path;
 use std::process::Command;
 
 use fhir_operator::fhirendpoint::monitoring::{
-    AlertSettings, PrometheusRuleSpec, ServiceMonitor, prometheus_rule_spec, rule_groups_yaml, service_monitor_spec,
+    AlertSettings, BACKUP_LAST_SUCCESS, BACKUP_MAX_AGE, PrometheusRuleSpec, RESTORE_LAST_VERIFIED, RESTORE_MAX_AGE,
+    ServiceMonitor, prometheus_rule_spec, rule_groups_yaml, service_monitor_spec,
 };
 use fhir_operator::gateway_metrics::{
     CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS, DURATION_BUCKETS, REJECTIONS_TOTAL, REQUEST_DURATION_SECONDS, REQUESTS_TOTAL,
@@ -291,6 +292,79 @@ fn certificate_alert_fires_within_the_warning_days() {
         vec![
             scenario(vec![expires_in(10)], vec![expect("30m", name, vec![fires])]),
             scenario(vec![expires_in(30)], vec![expect("30m", name, vec![])]),
+        ],
+    );
+}
+
+#[test]
+fn backup_and_restore_alerts_fire_when_the_operators_gauges_go_stale() {
+    // The operator's own scrape: its target labels, and the policy's labels.
+    let operator = |policy: &str, endpoint: &str| -> Vec<(String, String)> {
+        [
+            ("namespace", "fhir-operator"),
+            ("service", "fhir-operator"),
+            ("pod", "fhir-operator-0"),
+            ("policy_namespace", NS),
+            ("policy", policy),
+            ("fhir_endpoint", endpoint),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    };
+    let settings = AlertSettings::new(NS, EP);
+    let spec = prometheus_rule_spec(&settings);
+    let ours = operator("nightly", EP);
+    // At 60m time() is 3600. Daily schedule: max age 2 days.
+    let two_days = 2 * 86_400;
+    let last = |labels: &[(String, String)], at: i64| series(BACKUP_LAST_SUCCESS, labels, &[], &format!("{at}x70"));
+    let max_age = |labels: &[(String, String)]| series(BACKUP_MAX_AGE, labels, &[], &format!("{two_days}x70"));
+    let fires = firing(
+        &spec,
+        "FhirEndpointBackupStale",
+        &[("policy_namespace", NS), ("policy", "nightly"), ("fhir_endpoint", EP)],
+        &[("{{ $labels.policy }}", "nightly")],
+    );
+    let other = operator("other", "another-endpoint");
+    promtool_test(
+        &settings,
+        vec![
+            // Three days old: stale.
+            scenario(
+                vec![last(&ours, 3600 - 3 * 86_400), max_age(&ours)],
+                vec![expect("60m", "FhirEndpointBackupStale", vec![fires])],
+            ),
+            // One day old: fine.
+            scenario(
+                vec![last(&ours, 3600 - 86_400), max_age(&ours)],
+                vec![expect("60m", "FhirEndpointBackupStale", vec![])],
+            ),
+            // Another endpoint's stale policy is not this endpoint's alert.
+            scenario(
+                vec![last(&other, -3 * 86_400), max_age(&other)],
+                vec![expect("60m", "FhirEndpointBackupStale", vec![])],
+            ),
+        ],
+    );
+    let verified = |at: i64| series(RESTORE_LAST_VERIFIED, &ours, &[], &format!("{at}x70"));
+    let drill_max = series(RESTORE_MAX_AGE, &ours, &[], &format!("{}x70", 7 * 86_400 + 1800));
+    let fires = firing(
+        &spec,
+        "FhirEndpointRestoreDrillStale",
+        &[("policy_namespace", NS), ("policy", "nightly"), ("fhir_endpoint", EP)],
+        &[("{{ $labels.policy }}", "nightly")],
+    );
+    promtool_test(
+        &settings,
+        vec![
+            scenario(
+                vec![verified(3600 - 8 * 86_400), drill_max.clone()],
+                vec![expect("60m", "FhirEndpointRestoreDrillStale", vec![fires])],
+            ),
+            scenario(
+                vec![verified(3600 - 6 * 86_400), drill_max],
+                vec![expect("60m", "FhirEndpointRestoreDrillStale", vec![])],
+            ),
         ],
     );
 }

@@ -156,6 +156,18 @@ pub struct BackupPolicyStatus {
     pub last_failed_backup: Option<BackupRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_verified_restore: Option<RestoreRecord>,
+    /// The last restore drill that failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failed_restore: Option<FailedRestore>,
+    /// The latest restore drill slot handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_drill_schedule_time: Option<Time>,
+    /// The next restore drill slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_drill_schedule_time: Option<Time>,
+    /// The value of the `fhiroperator.io/backup-now` annotation last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_backup_request: Option<String>,
     /// The most recent runs, newest first, at most 20.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
@@ -207,4 +219,13 @@ pub struct RestoreRecord {
     /// Measured wall-clock time of the restore, in seconds.
     pub duration_seconds: f64,
     pub job: String,
+}
+
+/// One failed restore drill.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FailedRestore {
+    pub time: Time,
+    pub job: String,
+    pub message: String,
 }

@@ -38,7 +38,16 @@ pub struct KeyScheduleFact {
 #[derive(Debug, Clone)]
 pub enum BackupFact {
     NoPolicy,
-    Policy { name: String, last_success: Option<Timestamp>, current: Option<bool>, restore_verified: bool },
+    /// `current`: whether the last successful backup is within twice the
+    /// schedule's interval; `None` while nothing has finished (or a first
+    /// backup runs). `restore_verified`: a restore drill verified a backup
+    /// within the drill's interval.
+    Policy {
+        name: String,
+        last_success: Option<Timestamp>,
+        current: Option<bool>,
+        restore_verified: bool,
+    },
 }
 
 /// Facts the compliance checks read.
@@ -209,9 +218,16 @@ fn backup(ns: &str, facts: &Facts) -> ComplianceEntry {
         BackupFact::Policy { name, last_success, current, restore_verified } => {
             let evidence = vec![format!("BackupPolicy/{ns}/{name}")];
             match (current, last_success) {
-                (None, _) | (_, None) => {
+                (None, _) => {
                     entry(ComplianceCheck::Backup, Unknown, "NotYetMeasured", "no backup has completed yet", evidence)
                 }
+                (Some(_), None) => entry(
+                    ComplianceCheck::Backup,
+                    Fail,
+                    "NoSuccessfulBackup",
+                    "no backup has succeeded yet; the last one failed",
+                    evidence,
+                ),
                 (Some(false), Some(t)) => entry(
                     ComplianceCheck::Backup,
                     Fail,

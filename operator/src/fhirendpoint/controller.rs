@@ -64,6 +64,11 @@ pub struct Settings {
     pub discovery_interval: Duration,
     /// The pod name, for events.
     pub instance: Option<String>,
+    /// Images of backup and restore drill Jobs.
+    pub backup_images: crate::backup::job::JobImages,
+    /// The backup controller's clock (the system's, but in tests of fast
+    /// cron schedules).
+    pub backup_clock: Arc<dyn crate::conditions::Clock>,
 }
 
 /// Shared by the controllers of every scope.

@@ -276,6 +276,8 @@ pub fn prometheus_rule_spec(settings: &AlertSettings) -> PrometheusRuleSpec {
             ),
         ),
     ];
+    let mut rules = rules;
+    rules.extend(backup_alerts(settings, &who));
     PrometheusRuleSpec {
         groups: vec![RuleGroup {
             name: format!("fhir-endpoint.{}.{}", settings.namespace, settings.endpoint),
@@ -283,6 +285,48 @@ pub fn prometheus_rule_spec(settings: &AlertSettings) -> PrometheusRuleSpec {
             rules,
         }],
     }
+}
+
+/// The operator's gauges of the endpoint's backup policies: the time of the
+/// last success and how old it may get (`backup/controller.rs`).
+pub const BACKUP_LAST_SUCCESS: &str = "fhir_operator_backup_last_success_timestamp_seconds";
+pub const BACKUP_MAX_AGE: &str = "fhir_operator_backup_max_age_seconds";
+pub const RESTORE_LAST_VERIFIED: &str = "fhir_operator_restore_last_verified_timestamp_seconds";
+pub const RESTORE_MAX_AGE: &str = "fhir_operator_restore_max_age_seconds";
+
+/// Stale backups and restore drills, from the operator's own metrics
+/// (labelled `policy_namespace`, `policy`, `fhir_endpoint`).
+fn backup_alerts(settings: &AlertSettings, who: &str) -> Vec<Rule> {
+    let select = format!(
+        "{{policy_namespace=\"{}\",fhir_endpoint=\"{}\"}}",
+        promql_string(&settings.namespace),
+        promql_string(&settings.endpoint)
+    );
+    let by = "max by (policy_namespace, policy, fhir_endpoint)";
+    vec![
+        alert(
+            "FhirEndpointBackupStale",
+            format!("time() - {by} ({BACKUP_LAST_SUCCESS}{select}) > {by} ({BACKUP_MAX_AGE}{select})"),
+            "10m",
+            "critical",
+            format!("The backups of {who} are stale"),
+            format!(
+                "The last successful backup of {who} by BackupPolicy {{{{ $labels.policy }}}} is older than twice \
+                 its schedule's interval: check the policy's status (lastFailedBackup) and its Jobs."
+            ),
+        ),
+        alert(
+            "FhirEndpointRestoreDrillStale",
+            format!("time() - {by} ({RESTORE_LAST_VERIFIED}{select}) > {by} ({RESTORE_MAX_AGE}{select})"),
+            "10m",
+            "warning",
+            format!("No recent verified restore of {who}"),
+            format!(
+                "No restore drill of BackupPolicy {{{{ $labels.policy }}}} has verified a backup of {who} within \
+                 the drill's interval: check the policy's status (lastFailedRestore)."
+            ),
+        ),
+    ]
 }
 
 /// The spec as the `groups:` document of a Prometheus rule file, what

@@ -22,8 +22,8 @@ use super::monitoring::{PrometheusRule, ServiceMonitor};
 use super::validate::{InvalidSpec, Validated, validate};
 use super::{network, tls};
 use crate::api::{
-    BackupPolicy, FhirEndpoint, FhirEndpointStatus, KeyAlgorithm, KeyRotationSchedule, KeyVersionsInForce,
-    RateLimitTier, condition, reason,
+    BackupOutcome, BackupPolicy, FhirEndpoint, FhirEndpointStatus, KeyAlgorithm, KeyRotationSchedule,
+    KeyVersionsInForce, RateLimitTier, condition, reason,
 };
 use crate::apply::{Applier, ChildKind, WriteReason, apply_status, publish_event};
 use crate::conditions::{self, Clock, Desired};
@@ -190,13 +190,14 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
     let applied = apply(ep, &v, ctx, children, &mut written).await?;
 
     // Status.
+    let (backup, backup_recheck) = backup_fact(&v, &ctx.caches.backups, now);
     let facts = Facts {
         now,
         tls: tls_fact,
         network_policy: Some(applied.network_policy.clone()),
         gateway_config: build::gateway_config_name(&v.name),
         key_schedules: key_facts,
-        backup: backup_fact(&v, &ctx.caches.backups),
+        backup: backup.clone(),
         database_credentials,
     };
     let compliance = compliance::evaluate(&v, &facts);
@@ -248,7 +249,7 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
     conditions::set(&mut status.conditions, degraded, generation, now);
     write_status(ep, ctx, status).await?;
 
-    Ok(match [renew_at, key_recheck].into_iter().flatten().min() {
+    Ok(match [renew_at, key_recheck, backup_recheck].into_iter().flatten().min() {
         Some(at) => Action::requeue(until(now, at)),
         None => Action::await_change(),
     })
@@ -412,22 +413,41 @@ fn key_sources(
     Ok(KeyLookups { sources, facts, versions, recheck })
 }
 
-fn backup_fact(v: &Validated<'_>, backups: &Store<BackupPolicy>) -> BackupFact {
+/// The endpoint's backup record, and when it next goes stale.
+fn backup_fact(v: &Validated<'_>, backups: &Store<BackupPolicy>, now: Timestamp) -> (BackupFact, Option<Timestamp>) {
     let mut policies: Vec<Arc<BackupPolicy>> = backups
         .state()
         .into_iter()
         .filter(|b| b.namespace().as_deref() == Some(v.namespace.as_str()) && b.spec.endpoint == v.name)
         .collect();
     policies.sort_by_key(|b| b.name_any());
-    let Some(policy) = policies.first() else { return BackupFact::NoPolicy };
+    let Some(policy) = policies.first() else { return (BackupFact::NoPolicy, None) };
     let status = policy.status.clone().unwrap_or_default();
-    let succeeded = status.conditions.iter().find(|c| c.type_ == "LastBackupSucceeded").map(|c| c.status == "True");
-    BackupFact::Policy {
-        name: policy.name_any(),
-        last_success: status.last_successful_backup.map(|b| b.time.0),
-        current: succeeded,
-        restore_verified: status.last_verified_restore.is_some(),
-    }
+    let Ok(settings) = crate::backup::plan::settings(&policy.spec) else {
+        let fact = BackupFact::Policy {
+            name: policy.name_any(),
+            last_success: None,
+            current: Some(false),
+            restore_verified: false,
+        };
+        return (fact, None);
+    };
+    let (backup_max, drill_max) = crate::backup::controller::freshness(&settings, now);
+    let last_success = status.last_successful_backup.as_ref().map(|b| b.completion_time.as_ref().unwrap_or(&b.time).0);
+    let last_finished = status.history.iter().find(|r| r.outcome != BackupOutcome::Running);
+    let current = match last_success {
+        Some(t) => Some(now.duration_since(t) <= backup_max),
+        None if last_finished.is_some() => Some(false),
+        None => None,
+    };
+    let restored = status.last_verified_restore.as_ref().map(|r| r.time.0);
+    let restore_verified = match (restored, drill_max) {
+        (Some(t), Some(max)) => now.duration_since(t) <= max,
+        _ => false,
+    };
+    let stale_at = |t: Option<Timestamp>, max: Option<SignedDuration>| t?.checked_add(max?).ok().filter(|at| *at > now);
+    let recheck = [stale_at(last_success, Some(backup_max)), stale_at(restored, drill_max)].into_iter().flatten().min();
+    (BackupFact::Policy { name: policy.name_any(), last_success, current, restore_verified }, recheck)
 }
 
 /// The gateway's certificate: the user's Secret, or one the operator

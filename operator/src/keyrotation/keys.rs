@@ -182,7 +182,7 @@ fn refuse_clients(algorithm: KeyAlgorithm, clients: &[String]) -> Result<(), Key
 }
 
 /// The name `spec.algorithm` spells.
-fn algorithm_name(algorithm: KeyAlgorithm) -> &'static str {
+pub fn algorithm_name(algorithm: KeyAlgorithm) -> &'static str {
     match algorithm {
         KeyAlgorithm::ApiKey => "api-key",
         KeyAlgorithm::HmacSha256 => "hmac-sha256",

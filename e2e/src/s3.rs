@@ -1,0 +1,109 @@
+//! A real S3-compatible server for the backup tests: s3s-fs (crates.io,
+//! built into the cache by `e2e/s3s.sh`) on a loopback port, storing
+//! objects as files in a temporary directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+pub struct S3Server {
+    child: Child,
+    root: tempfile::TempDir,
+    port: u16,
+    bucket: String,
+    access_key: String,
+    secret_key: String,
+}
+
+/// The s3s-fs binary, built by `e2e/s3s.sh` when missing.
+pub fn binary() -> Result<PathBuf> {
+    let script = crate::crate_dir().join("s3s.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!("{} failed ({}): cannot build the S3 server s3s-fs", script.display(), out.status);
+    }
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if !path.is_file() {
+        bail!("{} printed {}, which is not a file", script.display(), path.display());
+    }
+    Ok(path)
+}
+
+impl S3Server {
+    /// Starts a server with one empty bucket.
+    pub fn start(bucket: &str) -> Result<Self> {
+        let binary = binary()?;
+        let root = tempfile::Builder::new().prefix("fhir-s3-").tempdir()?;
+        std::fs::create_dir(root.path().join(bucket))?;
+        let port = crate::postgres::free_port()?;
+        let access_key = "fhir-backup-agent".to_owned();
+        let secret_key = format!("s3-secret-{}", std::process::id());
+        let child = Command::new(&binary)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", &access_key, "--secret-key", &secret_key])
+            .arg(root.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let server = S3Server { child, root, port, bucket: bucket.to_owned(), access_key, secret_key };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("s3s-fs did not listen on 127.0.0.1:{port} within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(server)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn access_key(&self) -> &str {
+        &self.access_key
+    }
+
+    pub fn secret_key(&self) -> &str {
+        &self.secret_key
+    }
+
+    /// Keys of the objects in the bucket (s3s-fs keeps each as a file).
+    pub fn objects(&self) -> Vec<String> {
+        let bucket = self.root.path().join(&self.bucket);
+        let mut keys = Vec::new();
+        collect(&bucket, &bucket, &mut keys);
+        keys.sort();
+        keys
+    }
+}
+
+fn collect(base: &Path, dir: &Path, keys: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        if path.is_dir() {
+            collect(base, &path, keys);
+        } else if let Ok(relative) = path.strip_prefix(base) {
+            keys.push(relative.to_string_lossy().into_owned());
+        }
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
