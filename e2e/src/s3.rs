@@ -75,6 +75,12 @@ impl S3Server {
         &self.secret_key
     }
 
+    /// The agent's environment for this server's access key and `secret`
+    /// (the right one, or not).
+    pub fn credentials<'a>(&'a self, secret: &'a str) -> [(&'a str, &'a str); 2] {
+        [("AWS_ACCESS_KEY_ID", &self.access_key), ("AWS_SECRET_ACCESS_KEY", secret)]
+    }
+
     /// Keys of the objects in the bucket (s3s-fs keeps each as a file).
     pub fn objects(&self) -> Vec<String> {
         let bucket = self.root.path().join(&self.bucket);

@@ -96,7 +96,15 @@ impl Fixture {
     }
 
     /// The Job's `agent` container: `fhir-operator backup-agent backup`.
-    fn backup(&self, id: &str, keys: &Path, destination: &[String], keep_last: usize) -> (Output, Report) {
+    /// `env`: the S3 credentials, as the Job sets them from the policy's Secret.
+    fn backup(
+        &self,
+        id: &str,
+        keys: &Path,
+        destination: &[String],
+        keep_last: usize,
+        env: &[(&str, &str)],
+    ) -> (Output, Report) {
         let scratch = self.dump(&format!("scratch-{id}"));
         let log = scratch.join("termination-log");
         let mut command = Command::new(operator_binary());
@@ -111,7 +119,7 @@ impl Fixture {
             &format!("--keep-last={keep_last}"),
         ]);
         command.arg("--dump").arg(scratch.join("dump")).arg("--counts").arg(scratch.join("counts.tsv"));
-        command.arg("--keys").arg(keys).args(destination);
+        command.arg("--keys").arg(keys).args(destination).envs(env.iter().copied());
         let out = command.output().unwrap();
         let report = Report::from_message(&std::fs::read_to_string(&log).unwrap()).unwrap();
         (out, report)
@@ -205,7 +213,7 @@ fn a_directory_backup_restores_every_table_exactly_and_refuses_tampering() {
 
     // Backup 1 with key version 1.
     let keys_v1 = f.keys("keys-v1", &[(1, k1)], 1);
-    let (out, report) = f.backup("nightly-202611220130", &keys_v1, &destination, 7);
+    let (out, report) = f.backup("nightly-202611220130", &keys_v1, &destination, 7, &[]);
     assert!(out.status.success(), "{}", text(&out));
     let first = succeeded(&report).clone();
     assert_eq!(first.key_version, 1);
@@ -234,7 +242,7 @@ fn a_directory_backup_restores_every_table_exactly_and_refuses_tampering() {
     // The key rotates: version 2 is current, version 1 is in its grace period.
     let keys_both = f.keys("keys-v1-v2", &[(1, k1), (2, k2)], 2);
     f.pg.sql("fhir", "INSERT INTO terminology.concept VALUES ('NEW', 'after the first backup')").unwrap();
-    let (out, report) = f.backup("nightly-202611230130", &keys_both, &destination, 7);
+    let (out, report) = f.backup("nightly-202611230130", &keys_both, &destination, 7, &[]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(succeeded(&report).key_version, 2);
     // The backup made with the previous key still restores during the grace period.
@@ -295,7 +303,7 @@ fn the_restore_drill_containers_restore_into_a_scratch_server_and_check_the_coun
     let store = f.path("volume");
     let destination = vec![format!("--dir={}", store.display())];
     let keys = f.keys("keys", &[(1, random_key())], 1);
-    let (out, _) = f.backup("nightly-202611220130", &keys, &destination, 7);
+    let (out, _) = f.backup("nightly-202611220130", &keys, &destination, 7, &[]);
     assert!(out.status.success(), "{}", text(&out));
 
     // Init container `fetch`.
@@ -365,14 +373,10 @@ fn an_s3_backup_round_trips_prunes_by_retention_and_never_prints_the_secret() {
         "--s3-region=us-east-1".to_owned(),
     ];
     let keys = f.keys("keys", &[(1, random_key())], 1);
-    let with_credentials = |mut c: Command, secret: &str| {
-        c.env("AWS_ACCESS_KEY_ID", server.access_key()).env("AWS_SECRET_ACCESS_KEY", secret);
-        c
-    };
     // Four backups with keepLast 2: the two oldest are pruned.
     let mut reports = Vec::new();
     for id in ["nightly-202611200130", "nightly-202611210130", "nightly-202611220130", "nightly-202611230130"] {
-        let (out, report) = with_env(&server, server.secret_key(), || f.backup(id, &keys, &destination, 2));
+        let (out, report) = f.backup(id, &keys, &destination, 2, &server.credentials(server.secret_key()));
         assert!(out.status.success(), "{}", text(&out));
         reports.push(succeeded(&report).clone());
     }
@@ -408,14 +412,14 @@ fn an_s3_backup_round_trips_prunes_by_retention_and_never_prints_the_secret() {
         .arg(bin.join("pg_restore"))
         .arg("--psql")
         .arg(bin.join("psql"));
-    let out = with_credentials(restore, server.secret_key()).output().unwrap();
+    let out = restore.envs(server.credentials(server.secret_key())).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("nightly-202611230130"), "{}", text(&out));
     assert_eq!(f.contents("restored"), f.contents("fhir"));
 
     // Wrong credentials: the error names the bucket and never the secret.
     let canary = "canary-SECRET-9f8e7d6c5b4a";
-    let (out, report) = with_env(&server, canary, || f.backup("nightly-202611240130", &keys, &destination, 2));
+    let (out, report) = f.backup("nightly-202611240130", &keys, &destination, 2, &server.credentials(canary));
     assert!(!out.status.success());
     let Report::Failed { message } = &report else { panic!("{report:?}") };
     assert!(message.contains("s3 bucket fhir-backups"), "{message}");
@@ -425,26 +429,6 @@ fn an_s3_backup_round_trips_prunes_by_retention_and_never_prints_the_secret() {
     // Nothing of the failed backup is left as a complete backup.
     assert_eq!(server.objects().len(), 4);
 }
-
-/// Runs `f` with the S3 credentials in the environment of the processes it
-/// starts (the agent reads them from there, as in the Job).
-fn with_env<T>(server: &S3Server, secret: &str, f: impl FnOnce() -> T) -> T {
-    let _guard = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    // SAFETY: one test thread at a time changes the environment (ENV_LOCK),
-    // and nextest runs each test in its own process.
-    unsafe {
-        std::env::set_var("AWS_ACCESS_KEY_ID", server.access_key());
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", secret);
-    }
-    let result = f();
-    unsafe {
-        std::env::remove_var("AWS_ACCESS_KEY_ID");
-        std::env::remove_var("AWS_SECRET_ACCESS_KEY");
-    }
-    result
-}
-
-static ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn copy_dir(from: &Path, to: &Path) {
     for entry in walk(from) {

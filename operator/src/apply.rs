@@ -146,6 +146,34 @@ where
     (reader, stream)
 }
 
+/// Runs a controller's reconcile stream until it ends (on shutdown), and
+/// calls `ready` once `caches_filled` completes. Failed reconciles are
+/// logged here; their errors are counted by each controller's error policy.
+pub async fn drive<T, E: std::fmt::Display>(
+    run: impl Stream<Item = Result<T, E>>,
+    caches_filled: impl std::future::Future<Output = ()>,
+    ready: impl FnOnce(),
+    controller: &'static str,
+    scope: Option<&str>,
+) {
+    use futures::StreamExt;
+    let run = run.for_each(|result| async move {
+        if let Err(e) = result {
+            tracing::warn!(controller, error = %e, "controller event");
+        }
+    });
+    let ready_then_wait = async move {
+        caches_filled.await;
+        tracing::info!(controller, scope = scope.unwrap_or("all namespaces"), "caches filled");
+        ready();
+        futures::future::pending::<()>().await
+    };
+    tokio::select! {
+        _ = run => {}
+        _ = ready_then_wait => {}
+    }
+}
+
 /// What the operator last wrote to one child.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Written {

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Future, StreamExt};
+use futures::Future;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
@@ -29,11 +29,12 @@ use super::plan::{self, JobState, JobView, Observed, RunKind, Settings, Step};
 use crate::api::{
     BackupOutcome, BackupPolicy, BackupPolicyStatus, FhirEndpoint, KeyAlgorithm, KeyRotationSchedule, condition, reason,
 };
-use crate::apply::{apply_status, publish_event, watch_children, watch_related};
+use crate::apply::{apply_status, drive, publish_event, watch_children, watch_related};
 use crate::conditions::{self, Clock, Desired};
 use crate::fhirendpoint::controller::api;
 use crate::fhirendpoint::validate::InvalidSpec;
 use crate::keyrotation::controller::secret_name;
+use crate::keyrotation::schedule;
 use crate::meta::owner_ref;
 use crate::metrics::{BackupLabels, RunLabels, SharedMetrics};
 
@@ -226,7 +227,7 @@ async fn run(policy: &BackupPolicy, ctx: &Context) -> Result<Action, Error> {
         publish(ctx, policy, type_, step.reason(), step.to_string()).await;
     }
     Ok(match plan.wake_at {
-        Some(at) => Action::requeue(until(now, at)),
+        Some(at) => Action::requeue(schedule::wait_until(now, at)),
         None => Action::await_change(),
     })
 }
@@ -243,12 +244,6 @@ fn count(ctx: &Context, step: &Step) {
     ctx.metrics.backup_runs.get_or_create(&RunLabels { kind, outcome }).inc();
 }
 
-/// How long until `at`: at least 200 ms, at most an hour.
-fn until(now: Timestamp, at: Timestamp) -> Duration {
-    let wait = at.duration_since(now).as_millis().max(200) as u64;
-    Duration::from_millis(wait.min(3_600_000))
-}
-
 /// The policy's Jobs from the cache; finished ones with their result read
 /// from their pods' termination messages.
 async fn job_views(policy: &BackupPolicy, ctx: &Context) -> Result<Vec<JobView>, Error> {
@@ -259,14 +254,6 @@ async fn job_views(policy: &BackupPolicy, ctx: &Context) -> Result<Vec<JobView>,
         .into_iter()
         .filter(|j| j.namespace() == ns && j.labels().get(POLICY_LABEL) == Some(&name))
         .collect();
-    let recorded = |job: &str| {
-        let status = policy.status.as_ref();
-        status.is_some_and(|s| {
-            s.history.iter().any(|r| r.job == job && r.outcome != BackupOutcome::Running)
-                || s.last_verified_restore.as_ref().is_some_and(|r| r.job == job)
-                || s.last_failed_restore.as_ref().is_some_and(|r| r.job == job)
-        })
-    };
     let mut views = Vec::new();
     for job in owned {
         let Some(kind) = job.labels().get(RUN_LABEL).and_then(|l| RunKind::from_label(l)) else { continue };
@@ -276,7 +263,9 @@ async fn job_views(policy: &BackupPolicy, ctx: &Context) -> Result<Vec<JobView>,
         let state = match finished {
             None => JobState::Running,
             // Known already: no need to read its pods again.
-            Some((succeeded, ..)) if recorded(&job_name) => JobState::Recorded { succeeded },
+            Some((succeeded, ..)) if policy.status.as_ref().is_some_and(|s| plan::is_recorded(s, &job_name)) => {
+                JobState::Recorded { succeeded }
+            }
             Some((succeeded, at, job_message)) => {
                 let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns.as_deref().unwrap_or_default());
                 let list = pods
@@ -538,26 +527,16 @@ pub async fn run_scope(
         recorder: Recorder::new(client, reporter),
         images,
     });
-    let wait_for_caches = async move {
+    let caches_filled = async move {
         let _ = futures::join!(
             job_cache.wait_until_ready(),
             endpoints.wait_until_ready(),
             schedules.wait_until_ready(),
             policies.wait_until_ready(),
         );
-        info!(scope = namespace.as_deref().unwrap_or("all namespaces"), "backup policy caches filled");
-        ready();
-        futures::future::pending::<()>().await
     };
-    let run = controller.run(reconcile, error_policy, context).for_each(|result| async move {
-        if let Err(e) = result {
-            warn!(error = %e, "backup policy controller event");
-        }
-    });
-    tokio::select! {
-        _ = run => {}
-        _ = wait_for_caches => {}
-    }
+    let run = controller.run(reconcile, error_policy, context);
+    drive(run, caches_filled, ready, CONTROLLER, namespace.as_deref()).await;
 }
 
 #[cfg(test)]

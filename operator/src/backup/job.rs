@@ -26,8 +26,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use k8s_openapi::jiff::Timestamp;
 
 use super::plan::{NewJob, RunKind};
-use crate::api::{BackupPolicy, DatabaseSpec, SslMode};
-use crate::fhirendpoint::pod::{env, secret_env};
+use crate::api::{BackupPolicy, DatabaseSpec};
+use crate::fhirendpoint::pod::{env, secret_env, ssl_mode};
 use crate::meta::{MANAGED_BY, MANAGED_BY_LABEL};
 
 /// Label naming the policy on its Jobs.
@@ -319,15 +319,6 @@ fn destination(inputs: &JobInputs<'_>, read_only: bool) -> (Vec<String>, Vec<Env
         secret_env(super::store::SECRET_KEY_ENV, &s3.credentials_secret, "secretAccessKey"),
     ];
     (args, env_vars, Vec::new())
-}
-
-fn ssl_mode(mode: SslMode) -> &'static str {
-    match mode {
-        SslMode::Disable => "disable",
-        SslMode::Require => "require",
-        SslMode::VerifyCa => "verify-ca",
-        SslMode::VerifyFull => "verify-full",
-    }
 }
 
 fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {

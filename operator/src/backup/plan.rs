@@ -407,10 +407,18 @@ fn record_backup(status: &mut BackupPolicyStatus, job: &JobView, steps: &mut Vec
     }
 }
 
+/// Whether `status` holds the final result of the Job named `job`.
+pub fn is_recorded(status: &BackupPolicyStatus, job: &str) -> bool {
+    let backup = |r: &Option<BackupRecord>| r.as_ref().is_some_and(|r| r.job == job);
+    status.history.iter().any(|r| r.job == job && r.outcome != BackupOutcome::Running)
+        || backup(&status.last_successful_backup)
+        || backup(&status.last_failed_backup)
+        || status.last_verified_restore.as_ref().is_some_and(|r| r.job == job)
+        || status.last_failed_restore.as_ref().is_some_and(|r| r.job == job)
+}
+
 fn record_drill(status: &mut BackupPolicyStatus, job: &JobView, steps: &mut Vec<Step>) {
-    let recorded = status.last_verified_restore.as_ref().is_some_and(|r| r.job == job.name)
-        || status.last_failed_restore.as_ref().is_some_and(|r| r.job == job.name);
-    if recorded {
+    if is_recorded(status, &job.name) {
         return;
     }
     match &job.state {
@@ -448,15 +456,6 @@ fn push_history(status: &mut BackupPolicyStatus, record: BackupRecord) {
 
 /// Finished Jobs beyond the kept ones, whose result `status` holds.
 fn jobs_to_delete(status: &BackupPolicyStatus, jobs: &[JobView]) -> Vec<String> {
-    let recorded = |job: &JobView| match job.kind {
-        _ if matches!(job.state, JobState::Recorded { .. }) => true,
-        RunKind::Backup => status.history.iter().any(|r| r.job == job.name && r.outcome != BackupOutcome::Running),
-        RunKind::Drill => {
-            status.last_verified_restore.as_ref().is_some_and(|r| r.job == job.name)
-                || status.last_failed_restore.as_ref().is_some_and(|r| r.job == job.name)
-                || status.last_verified_restore.as_ref().is_some_and(|r| r.time.0 >= job.slot)
-        }
-    };
     let mut finished: Vec<&JobView> = jobs.iter().filter(|j| j.state != JobState::Running).collect();
     finished.sort_by(|a, b| b.slot.cmp(&a.slot).then_with(|| b.name.cmp(&a.name)));
     let mut delete = Vec::new();
@@ -470,7 +469,7 @@ fn jobs_to_delete(status: &BackupPolicyStatus, jobs: &[JobView]) -> Vec<String> 
                 succeeded += 1;
                 succeeded <= SUCCEEDED_JOBS_KEPT
             };
-            if !keep && recorded(job) {
+            if !keep && (matches!(job.state, JobState::Recorded { .. }) || is_recorded(status, &job.name)) {
                 delete.push(job.name.clone());
             }
         }

@@ -129,7 +129,7 @@ fn resources(requests: &[(&str, &str)], limits: &[(&str, &str)]) -> ResourceRequ
     ResourceRequirements { requests: Some(map(requests)), limits: Some(map(limits)), ..Default::default() }
 }
 
-fn ssl_mode(mode: SslMode) -> &'static str {
+pub(crate) fn ssl_mode(mode: SslMode) -> &'static str {
     match mode {
         SslMode::Disable => "disable",
         SslMode::Require => "require",

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Future, StreamExt};
+use futures::Future;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
@@ -18,12 +18,12 @@ use tracing::{info, instrument, warn};
 
 use super::keys::{self, KeyError};
 use super::rotation::{self, Observed, ROTATE_ANNOTATION};
-use super::secret;
+use super::{schedule, secret};
 use crate::api::{
     BackupPolicy, FhirEndpoint, KeyAlgorithm, KeyRotationSchedule, KeyRotationScheduleStatus, KeyVersionState,
     ObjectRef as StatusRef, RotationPhase, condition, reason,
 };
-use crate::apply::{Applier, ChildKind, apply_status, publish_event, watch_children, watch_related};
+use crate::apply::{Applier, ChildKind, apply_status, drive, publish_event, watch_children, watch_related};
 use crate::conditions::{self, Clock, Desired};
 use crate::fhirendpoint::controller::api;
 use crate::fhirendpoint::validate::InvalidSpec;
@@ -195,16 +195,9 @@ async fn run(krs: &KeyRotationSchedule, ctx: &Context) -> Result<Action, Error> 
         publish(ctx, krs, type_, step.reason(), step.to_string()).await;
     }
     Ok(match plan.wake_at {
-        Some(at) => Action::requeue(until(now, at)),
+        Some(at) => Action::requeue(schedule::wait_until(now, at)),
         None => Action::await_change(),
     })
-}
-
-/// How long until `at`: at least 200 ms, at most an hour (long timers
-/// drift; looking again is cheap).
-fn until(now: Timestamp, at: Timestamp) -> Duration {
-    let wait = at.duration_since(now).as_millis().max(200) as u64;
-    Duration::from_millis(wait.min(3_600_000))
 }
 
 /// The conditions for a status `next`, with `waiting` the consumers that
@@ -427,7 +420,7 @@ pub async fn run_scope(
         metrics,
         recorder: Recorder::new(client, reporter),
     });
-    let wait_for_caches = async move {
+    let caches_filled = async move {
         let _ = futures::join!(
             secrets.wait_until_ready(),
             config_maps.wait_until_ready(),
@@ -435,17 +428,7 @@ pub async fn run_scope(
             backups.wait_until_ready(),
             schedules.wait_until_ready(),
         );
-        info!(scope = namespace.as_deref().unwrap_or("all namespaces"), "key schedule caches filled");
-        ready();
-        futures::future::pending::<()>().await
     };
-    let run = controller.run(reconcile, error_policy, context).for_each(|result| async move {
-        if let Err(e) = result {
-            warn!(error = %e, "key schedule controller event");
-        }
-    });
-    tokio::select! {
-        _ = run => {}
-        _ = wait_for_caches => {}
-    }
+    let run = controller.run(reconcile, error_policy, context);
+    drive(run, caches_filled, ready, CONTROLLER, namespace.as_deref()).await;
 }

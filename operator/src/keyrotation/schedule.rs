@@ -250,6 +250,13 @@ impl Cadence {
     }
 }
 
+/// How long a controller waits to look again at `at`: at least 200 ms, at
+/// most an hour (long timers drift; looking again is cheap).
+pub fn wait_until(now: Timestamp, at: Timestamp) -> std::time::Duration {
+    let wait = at.duration_since(now).as_millis().max(200) as u64;
+    std::time::Duration::from_millis(wait.min(3_600_000))
+}
+
 fn positive_nanos(interval: SignedDuration) -> Option<i128> {
     let nanos = interval.as_nanos();
     (nanos > 0).then_some(nanos)
