@@ -144,6 +144,10 @@ pub struct ControlPlane {
     kubeconfig: PathBuf,
     source: String,
     pids: Vec<(String, u32)>,
+    /// How each process was started, to start it again after a fault.
+    commands: Vec<(String, PathBuf, Vec<std::ffi::OsString>)>,
+    etcd_port: u16,
+    api_port: u16,
     keeper: Option<Keeper>,
     remove_dir: bool,
 }
@@ -167,6 +171,9 @@ impl ControlPlane {
             dir,
             source: binaries.source.clone(),
             pids: Vec::new(),
+            commands: Vec::new(),
+            etcd_port: 0,
+            api_port: 0,
             keeper,
             remove_dir: lifetime == Lifetime::Owned,
         };
@@ -196,6 +203,7 @@ impl ControlPlane {
         fs::write(d.join(SOURCE_FILE), format!("{}\n", self.source))?;
 
         let [etcd_port, peer_port, api_port] = free_ports()?;
+        (self.etcd_port, self.api_port) = (etcd_port, api_port);
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         let mut etcd = Command::new(&bin.etcd);
         etcd.args(["--data-dir", path_str(&d.join("etcd"))?])
@@ -251,7 +259,12 @@ impl ControlPlane {
     }
 
     fn spawn(&mut self, name: &str, mut cmd: Command) -> Result<()> {
-        let log = fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let program = cmd.get_program().into();
+        let args = cmd.get_args().map(Into::into).collect();
+        self.commands.retain(|(n, _, _)| n != name);
+        self.commands.push((name.to_owned(), program, args));
+        self.pids.retain(|(n, _)| n != name);
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{name}.log")))?;
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         let pid = match &self.keeper {
             Some(keeper) => keeper.spawn_child(name, cmd)?,
@@ -297,6 +310,54 @@ impl ControlPlane {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The API server's port on 127.0.0.1.
+    pub fn api_port(&self) -> u16 {
+        self.api_port
+    }
+
+    /// `kill -9` of one component (`etcd`, `kube-apiserver`,
+    /// `kube-controller-manager`), as a crash would; waits until it is gone.
+    pub fn kill(&mut self, name: &str) -> Result<()> {
+        let pid = self.pid_of(name)?;
+        signal(pid, libc::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while alive(pid, name) {
+            if Instant::now() > deadline {
+                bail!("{name} (pid {pid}) still runs 10 s after SIGKILL");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Starts a component again with the flags it had, and waits until it
+    /// serves (etcd: `/health`; the API server: `/readyz`).
+    pub fn start_again(&mut self, name: &str) -> Result<()> {
+        let (_, program, args) = self
+            .commands
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .cloned()
+            .with_context(|| format!("no {name} was started"))?;
+        if self.pid_of(name).is_ok_and(|pid| alive(pid, name)) {
+            bail!("{name} still runs");
+        }
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        self.spawn(name, cmd)?;
+        let kubeconfig = self.kubeconfig.clone();
+        let etcd_port = self.etcd_port;
+        match name {
+            "etcd" => self.wait_until(name, Duration::from_secs(30), || etcd_healthy(etcd_port)),
+            "kube-apiserver" => self.wait_until(name, Duration::from_secs(90), || apiserver_ready(&kubeconfig)),
+            _ => Ok(()),
+        }
+    }
+
+    fn pid_of(&self, name: &str) -> Result<u32> {
+        self.pids.iter().find(|(n, _)| n == name).map(|(_, p)| *p).with_context(|| format!("no {name} was started"))
     }
 
     pub fn kubeconfig(&self) -> &Path {

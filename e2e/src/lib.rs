@@ -9,6 +9,7 @@
 
 pub mod control_plane;
 pub mod examples;
+pub mod fault_proxy;
 pub mod helm;
 pub mod operator;
 pub mod postgres;

@@ -95,7 +95,10 @@ impl Operator {
         }
         cmd.args(extra)
             .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info,fhir_operator=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("FHIR_E2E_OPERATOR_LOG").unwrap_or_else(|_| "info,fhir_operator=debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
@@ -141,6 +144,15 @@ impl Operator {
 
     pub fn metrics(&self) -> String {
         self.get("/metrics").map(|(_, body)| body).unwrap_or_default()
+    }
+
+    /// The sum of a metric's samples (all label sets), 0 when absent.
+    pub fn metric(&self, name: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 
     pub fn logs(&self) -> String {

@@ -22,18 +22,8 @@ fn candidate(lease_ns: &str) -> Operator {
         .expect("operator starts and is ready (as leader or standby)")
 }
 
-/// The value of an unlabelled metric, 0 when absent.
-fn metric(operator: &Operator, name: &str) -> f64 {
-    operator
-        .metrics()
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn leads(operator: &Operator) -> bool {
-    metric(operator, "fhir_operator_leader") == 1.0
+    operator.metric("fhir_operator_leader") == 1.0
 }
 
 /// Waits until `operator` leads; returns how long that took.
@@ -81,9 +71,9 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
     })
     .await
     .unwrap();
-    assert!(metric(&first, "fhir_operator_child_writes_total") > 0.0);
-    assert_eq!(metric(&second, "fhir_operator_reconciliations_total"), 0.0, "the standby reconciles nothing");
-    assert_eq!(metric(&second, "fhir_operator_child_writes_total"), 0.0, "the standby writes nothing");
+    assert!(first.metric("fhir_operator_child_writes_total") > 0.0);
+    assert_eq!(second.metric("fhir_operator_reconciliations_total"), 0.0, "the standby reconciles nothing");
+    assert_eq!(second.metric("fhir_operator_child_writes_total"), 0.0, "the standby writes nothing");
     assert!(!leads(&second));
 
     // kill -9 the leader: the standby takes over within the lease duration.

@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::Stream;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -33,6 +34,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::health::ControllerWatches;
 use crate::meta::{APPLIED_HASH_ANNOTATION, MANAGED_SELECTOR, hash_of};
 
 /// Objects per page when a watch (re)lists. A page is deserialized whole,
@@ -118,10 +120,11 @@ impl ChildKind for Deployment {
 /// stream (e.g. hand it to `Controller::owns_stream`) or the cache stays empty.
 pub fn watch_children<K: ChildKind>(
     api: Api<K>,
+    watches: &ControllerWatches,
 ) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + 'static) {
     let (reader, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default().labels(MANAGED_SELECTOR).page_size(LIST_PAGE_SIZE))
-        .default_backoff()
+    let config = watcher::Config::default().labels(MANAGED_SELECTOR);
+    let stream = resilient_watcher(api, config, watches)
         .modify(|obj: &mut K| {
             obj.meta_mut().managed_fields = None;
             obj.slim();
@@ -133,17 +136,120 @@ pub fn watch_children<K: ChildKind>(
 
 /// A watched kind that is not a child (the operator's own kinds): its
 /// cache and the stream that fills it and triggers reconciles.
-pub fn watch_related<K>(api: Api<K>) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + 'static)
+pub fn watch_related<K>(
+    api: Api<K>,
+    watches: &ControllerWatches,
+) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + 'static)
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default().page_size(LIST_PAGE_SIZE))
-        .default_backoff()
+    let stream = resilient_watcher(api, watcher::Config::default(), watches)
         .modify(|obj: &mut K| obj.meta_mut().managed_fields = None)
         .reflect(writer)
         .touched_objects();
     (reader, stream)
+}
+
+/// kube's watcher, made to recover from every fault the same way: after
+/// any error (the API server gone, `410 Gone`, a request that timed out on
+/// a dead connection, the kind's CRD deleted) the watch starts over with a
+/// fresh list, after a backoff. The list replaces the cache, and every
+/// object it holds triggers a reconcile of its owner: whatever changed
+/// while the watch was blind is noticed. The server ends each watch
+/// request after [`ControllerWatches::server_timeout`] seconds, and every
+/// event, list and error is reported to the watch's probe (`/healthz`,
+/// `/readyz`, the watch metrics).
+fn resilient_watcher<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    watches: &ControllerWatches,
+) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    use futures::StreamExt;
+    use futures::stream::BoxStream;
+    let probe = watches.probe(&api);
+    let config = config.page_size(LIST_PAGE_SIZE).timeout(watches.server_timeout());
+    let start = move |api: &Api<K>, config: &watcher::Config| watcher(api.clone(), config.clone()).boxed();
+    let first: Option<BoxStream<'static, _>> = None;
+    futures::stream::unfold((first, api, config, probe), move |(inner, api, config, probe)| async move {
+        let mut inner = inner.unwrap_or_else(|| start(&api, &config));
+        loop {
+            match inner.next().await {
+                Some(item) => {
+                    probe.observe(&item);
+                    if let Err(e) = &item {
+                        tracing::debug!(error = %e, kind = %K::kind(&()), "watch failed; starting over with a list");
+                    }
+                    let keep = item.is_ok().then_some(inner);
+                    return Some((item, (keep, api, config, probe)));
+                }
+                // kube's watcher does not end; should it, start anew.
+                None => inner = start(&api, &config),
+            }
+        }
+    })
+    .backoff(WatchBackoff::default())
+}
+
+/// The wait before a failed watch starts over: 0.5 s, doubling up to 8 s
+/// (a watch is back within seconds of the API server), and from 0.5 s
+/// again once no error came for 30 s. (The restarted watcher's first event
+/// would reset a plain backoff at every attempt.)
+#[derive(Debug, Default)]
+pub struct WatchBackoff {
+    next: Duration,
+    last: Option<std::time::Instant>,
+}
+
+impl WatchBackoff {
+    const MIN: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(8);
+    const RESET_AFTER: Duration = Duration::from_secs(30);
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let now = std::time::Instant::now();
+        if self.last.is_none_or(|last| now.duration_since(last) > Self::RESET_AFTER) {
+            self.next = Self::MIN;
+        }
+        self.last = Some(now);
+        let wait = self.next;
+        self.next = (wait * 2).min(Self::MAX);
+        Some(wait)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    /// Called on every successful event: ignored, see above.
+    fn reset(&mut self) {}
+}
+
+/// For `Controller::trigger_backoff`: none. kube's controller otherwise
+/// puts one backoff on all of its watches together, so that an error of
+/// any one of them stops every one (its default grows to 30 s and resets
+/// only after two quiet minutes): after an API server restart, each
+/// watch's `410 Gone` in turn kept the whole controller asleep, and it
+/// reconciled nothing for minutes. Each watch backs off on its own
+/// instead ([`WatchBackoff`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoSharedBackoff;
+
+impl Iterator for NoSharedBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        Some(Duration::ZERO)
+    }
+}
+
+impl kube::runtime::utils::Backoff for NoSharedBackoff {
+    fn reset(&mut self) {}
 }
 
 /// Runs a controller's reconcile stream until it ends (on shutdown), and

@@ -9,6 +9,7 @@ pub mod conditions;
 pub mod discovery;
 pub mod fhirendpoint;
 pub mod gateway_metrics;
+pub mod health;
 pub mod keyrotation;
 pub mod leader;
 pub mod meta;

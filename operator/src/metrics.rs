@@ -55,6 +55,14 @@ pub struct RunLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchLabels {
+    pub controller: &'static str,
+    pub kind: String,
+    /// The watched namespace, empty for all namespaces.
+    pub scope: String,
+}
+
 type SecondsGauge = Family<BackupLabels, Gauge<f64, AtomicU64>>;
 
 /// Every metric of the operator, registered once.
@@ -78,6 +86,13 @@ pub struct Metrics {
     pub backup_max_age: SecondsGauge,
     /// How old the last verified restore may be: the drill interval plus slack.
     pub restore_max_age: SecondsGauge,
+    /// Unix time of each watch's last sign of life (a list, an event, or
+    /// the API server answering its watch request).
+    pub watch_last_alive: Family<WatchLabels, Gauge<f64, AtomicU64>>,
+    /// 1 while the watch's cache is complete (listed, no error since).
+    pub watch_synced: Family<WatchLabels, Gauge>,
+    /// Restarts of each watch: fresh lists after the first.
+    pub watch_restarts: Family<WatchLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -129,6 +144,20 @@ impl Default for Metrics {
             "How old the last verified restore may get (the drill interval plus 30 minutes)",
             restore_max_age.clone(),
         );
+        let watch_last_alive = Family::<WatchLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "watch_last_alive_timestamp_seconds",
+            "Unix time of the watch's last sign of life: a list, an event, or an answer to its watch request",
+            watch_last_alive.clone(),
+        );
+        let watch_synced = Family::<WatchLabels, Gauge>::default();
+        registry.register("watch_synced", "1 while the watch's cache is complete", watch_synced.clone());
+        let watch_restarts = Family::<WatchLabels, Counter>::default();
+        registry.register(
+            "watch_restarts",
+            "Restarts of the watch (fresh lists after the first)",
+            watch_restarts.clone(),
+        );
         Self {
             registry,
             reconciliations,
@@ -143,6 +172,9 @@ impl Default for Metrics {
             restore_last_verified,
             backup_max_age,
             restore_max_age,
+            watch_last_alive,
+            watch_synced,
+            watch_restarts,
         }
     }
 }

@@ -11,19 +11,19 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use tracing::{instrument, warn};
 
 use crate::api::{
     FhirEndpoint, ObjectRef as StatusRef, RateLimitTier, RateLimitTierSpec, RateLimitTierStatus, condition, reason,
 };
-use crate::apply::{apply_status, watch_related};
+use crate::apply::{NoSharedBackoff, apply_status, watch_related};
 use crate::conditions::{self, Clock, Desired};
 use crate::fhirendpoint::build::{limits_from_tier, quantity_bytes};
 use crate::fhirendpoint::gateway::{self, GatewayError, Limits};
 use crate::fhirendpoint::pod::gateway_settings;
 use crate::fhirendpoint::validate::InvalidSpec;
+use crate::health::Watches;
 use crate::metrics::SharedMetrics;
 
 pub const FIELD_MANAGER: &str = "fhir-operator/ratelimittier";
@@ -154,17 +154,19 @@ pub async fn run(
     scopes: Vec<Option<String>>,
     clock: Arc<dyn Clock>,
     metrics: SharedMetrics,
+    watches: Watches,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let mut controller = Controller::new(Api::<RateLimitTier>::all(client.clone()), watcher::Config::default());
-    let tiers = controller.store();
+    let (tiers, tier_stream) =
+        watch_related(Api::<RateLimitTier>::all(client.clone()), &watches.controller(CONTROLLER, None));
+    let mut controller = Controller::for_stream(tier_stream, tiers.clone()).trigger_backoff(NoSharedBackoff);
     let mut endpoints = Vec::new();
     for scope in &scopes {
         let api: Api<FhirEndpoint> = match scope {
             Some(ns) => Api::namespaced(client.clone(), ns),
             None => Api::all(client.clone()),
         };
-        let (store, stream) = watch_related(api);
+        let (store, stream) = watch_related(api, &watches.controller(CONTROLLER, scope.as_deref()));
         endpoints.push(store);
         let tiers = tiers.clone();
         // Tiers are few: an endpoint event re-checks every tier, so the one

@@ -18,6 +18,7 @@ use crate::discovery;
 use crate::fhirendpoint::build::Images;
 use crate::fhirendpoint::controller::{self, Settings, Shared};
 use crate::fhirendpoint::reconcile::FIELD_MANAGER;
+use crate::health::Watches;
 use crate::leader::{Candidate, LeaseSettings};
 use crate::metrics::Metrics;
 use crate::server::{self, Readiness, Ready};
@@ -69,6 +70,11 @@ pub struct RunArgs {
     /// Testing only: where the fast backup clock equals real time.
     #[arg(long, hide = true)]
     pub backup_clock_origin: Option<k8s_openapi::jiff::Timestamp>,
+    /// How long a watch may stay out of sync, or without an answer from
+    /// the API server, before `/healthz` fails (and the kubelet restarts
+    /// the process). Each watch request ends after a third of this.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration, env = "FHIR_OPERATOR_WATCH_STALL_LIMIT")]
+    pub watch_stall_limit: Duration,
     /// How often to rediscover optional APIs (monitoring, PDB), e.g. `5m`.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub discovery_interval: Duration,
@@ -106,21 +112,28 @@ async fn shutdown_signal() {
 
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
     crate::telemetry::init();
-    let client = Client::try_default().await.map_err(RunError::Client)?;
+    let metrics = Arc::new(Metrics::default());
+    let watches = Watches::new(Arc::new(SystemClock), args.watch_stall_limit, metrics.clone());
+    let client = client(&watches).await?;
     let capabilities = discovery::discover(&client).await.map_err(RunError::Discovery)?;
     info!(?capabilities, version = env!("CARGO_PKG_VERSION"), "fhir-operator starting");
 
-    let metrics = Arc::new(Metrics::default());
     let readiness = Readiness::default();
     let shutdown = shutdown_signal().boxed().shared();
-    let mut server =
-        tokio::spawn(server::serve(args.metrics_addr, metrics.clone(), readiness.clone(), shutdown.clone()));
+    let mut server = tokio::spawn(server::serve(
+        args.metrics_addr,
+        metrics.clone(),
+        readiness.clone(),
+        watches.clone(),
+        shutdown.clone(),
+    ));
     let shared = Shared {
         client: client.clone(),
         applier: Applier::new(client.clone(), FIELD_MANAGER),
         clock: Arc::new(SystemClock),
         metrics: metrics.clone(),
         capabilities: Arc::new(RwLock::new(capabilities)),
+        watches,
     };
     let settings = Settings {
         namespaces: (!args.namespaces.is_empty()).then(|| args.namespaces.clone()),
@@ -189,6 +202,17 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     Ok(())
 }
 
+/// The operator's client: a read timeout, so that no request waits forever
+/// on a connection that hangs, and the layer that reports answered watch
+/// requests to the watches' health.
+async fn client(watches: &Watches) -> Result<Client, RunError> {
+    let mut config = kube::Config::infer().await.map_err(|e| RunError::Client(kube::Error::InferConfig(e)))?;
+    config.read_timeout = Some(watches.read_timeout());
+    config.reset_reader_on_write = true;
+    let builder = kube::client::ClientBuilder::try_from(config).map_err(RunError::Client)?;
+    Ok(builder.with_layer(&watches.layer()).build())
+}
+
 fn served_result(
     served: Result<std::io::Result<()>, tokio::task::JoinError>,
     addr: SocketAddr,
@@ -244,6 +268,7 @@ async fn controllers(
                 shared.client.clone(),
                 settings.backup_clock.clone(),
                 shared.metrics.clone(),
+                shared.watches.clone(),
                 settings.backup_images.clone(),
                 scope.clone(),
                 settings.instance.clone(),
@@ -257,6 +282,7 @@ async fn controllers(
                 shared.client.clone(),
                 shared.clock.clone(),
                 shared.metrics.clone(),
+                shared.watches.clone(),
                 scope,
                 settings.instance.clone(),
                 shutdown.clone(),
@@ -270,6 +296,7 @@ async fn controllers(
         scopes,
         shared.clock.clone(),
         shared.metrics.clone(),
+        shared.watches.clone(),
         shutdown.clone(),
     );
     let refresh = controller::refresh_capabilities(

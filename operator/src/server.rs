@@ -10,6 +10,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use crate::health::Watches;
 use crate::metrics::SharedMetrics;
 
 /// What `/readyz` says.
@@ -21,7 +22,8 @@ pub enum Ready {
     /// A standby waiting for the lease, able to take over: 200 `standby`.
     /// (Ready, so that a rolling update of several replicas completes.)
     Standby = 1,
-    /// Leading (or without leader election) with every cache filled: 200 `ok`.
+    /// Leading (or without leader election) with every cache filled once:
+    /// 200 `ok` while every watch is synced, 503 while one is not.
     Yes = 2,
 }
 
@@ -47,6 +49,7 @@ impl Readiness {
 struct AppState {
     metrics: SharedMetrics,
     ready: Readiness,
+    watches: Watches,
 }
 
 async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
@@ -55,9 +58,19 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     match state.ready.get() {
-        Ready::Yes => (StatusCode::OK, "ok"),
+        Ready::Yes if state.watches.all_synced() => (StatusCode::OK, "ok"),
+        Ready::Yes => (StatusCode::SERVICE_UNAVAILABLE, "not ready: a watch is listing anew"),
         Ready::Standby => (StatusCode::OK, "standby: waiting for the leader lease"),
         Ready::No => (StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+    }
+}
+
+/// 503 naming the stalled watch once one has been out of sync, or without
+/// an answer from the API server, for longer than the stall limit.
+async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
+    match state.watches.live() {
+        Ok(()) => (StatusCode::OK, "ok".to_owned()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }
 
@@ -66,13 +79,14 @@ pub async fn serve(
     addr: SocketAddr,
     metrics: SharedMetrics,
     ready: Readiness,
+    watches: Watches,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_text))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(AppState { metrics, ready });
+        .with_state(AppState { metrics, ready, watches });
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await

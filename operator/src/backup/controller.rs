@@ -29,10 +29,11 @@ use super::plan::{self, JobState, JobView, Observed, RunKind, Settings, Step};
 use crate::api::{
     BackupOutcome, BackupPolicy, BackupPolicyStatus, FhirEndpoint, KeyAlgorithm, KeyRotationSchedule, condition, reason,
 };
-use crate::apply::{apply_status, drive, publish_event, watch_children, watch_related};
+use crate::apply::{NoSharedBackoff, apply_status, drive, publish_event, watch_children, watch_related};
 use crate::conditions::{self, Clock, Desired};
 use crate::fhirendpoint::controller::api;
 use crate::fhirendpoint::validate::InvalidSpec;
+use crate::health::Watches;
 use crate::keyrotation::controller::secret_name;
 use crate::keyrotation::schedule;
 use crate::meta::owner_ref;
@@ -481,6 +482,7 @@ pub async fn run_scope(
     client: Client,
     clock: Arc<dyn Clock>,
     metrics: SharedMetrics,
+    watches: Watches,
     images: JobImages,
     namespace: Option<String>,
     instance: Option<String>,
@@ -488,13 +490,15 @@ pub async fn run_scope(
     ready: impl FnOnce() + Send,
 ) {
     let ns = namespace.as_deref();
-    let (job_cache, job_stream) = watch_children(api::<Job>(&client, ns));
-    let (endpoints, endpoint_stream) = watch_related(api::<FhirEndpoint>(&client, ns));
-    let (schedules, schedule_stream) = watch_related(api::<KeyRotationSchedule>(&client, ns));
-    let (policies, policy_stream) = watch_related(api::<BackupPolicy>(&client, ns));
+    let w = watches.controller(CONTROLLER, ns);
+    let (job_cache, job_stream) = watch_children(api::<Job>(&client, ns), &w);
+    let (endpoints, endpoint_stream) = watch_related(api::<FhirEndpoint>(&client, ns), &w);
+    let (schedules, schedule_stream) = watch_related(api::<KeyRotationSchedule>(&client, ns), &w);
+    let (policies, policy_stream) = watch_related(api::<BackupPolicy>(&client, ns), &w);
     let by_endpoint = policies.clone();
     let by_schedule = policies.clone();
     let controller = Controller::for_stream(policy_stream, policies.clone())
+        .trigger_backoff(NoSharedBackoff)
         .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(200)))
         .owns_stream(job_stream)
         .watches_stream(endpoint_stream, move |ep: FhirEndpoint| {

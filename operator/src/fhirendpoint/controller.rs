@@ -23,9 +23,10 @@ use super::build::Images;
 use super::monitoring::{PrometheusRule, ServiceMonitor};
 use super::reconcile::{self, Caches, Context};
 use crate::api::{BackupPolicy, FhirEndpoint, KeyRotationSchedule, RateLimitTier};
-use crate::apply::{Applier, ChildKind, generation_version, watch_children, watch_related};
+use crate::apply::{Applier, ChildKind, NoSharedBackoff, generation_version, watch_children, watch_related};
 use crate::conditions::Clock;
 use crate::discovery::{self, Capabilities, PdbApi, PodDisruptionBudgetV1beta1};
+use crate::health::Watches;
 use crate::metrics::SharedMetrics;
 
 // The disruption controller writes PDB status; custom resources bump their
@@ -79,6 +80,8 @@ pub struct Shared {
     pub clock: Arc<dyn Clock>,
     pub metrics: SharedMetrics,
     pub capabilities: Arc<RwLock<Capabilities>>,
+    /// Every watch's health (`/healthz`, `/readyz`).
+    pub watches: Watches,
 }
 
 /// An API of a namespaced kind in one namespace, or in all.
@@ -109,20 +112,22 @@ pub async fn run_scope(
     let ns = namespace.as_deref();
     let caps = shared.capabilities.read().map(|c| *c).unwrap_or_default();
 
-    let (service_accounts, sa_stream) = watch_children(api::<ServiceAccount>(&client, ns));
-    let (config_maps, cm_stream) = watch_children(api::<ConfigMap>(&client, ns));
-    let (secrets, secret_stream) = watch_children(api::<Secret>(&client, ns));
-    let (deployments, deploy_stream) = watch_children(api::<Deployment>(&client, ns));
-    let (services, svc_stream) = watch_children(api::<Service>(&client, ns));
-    let (network_policies, np_stream) = watch_children(api::<NetworkPolicy>(&client, ns));
-    let (tiers, tier_stream) = watch_related(Api::<RateLimitTier>::all(client.clone()));
-    let (key_schedules, krs_stream) = watch_related(api::<KeyRotationSchedule>(&client, ns));
-    let (backups, backup_stream) = watch_related(api::<BackupPolicy>(&client, ns));
+    let w = shared.watches.controller(reconcile::CONTROLLER, ns);
+    let (service_accounts, sa_stream) = watch_children(api::<ServiceAccount>(&client, ns), &w);
+    let (config_maps, cm_stream) = watch_children(api::<ConfigMap>(&client, ns), &w);
+    let (secrets, secret_stream) = watch_children(api::<Secret>(&client, ns), &w);
+    let (deployments, deploy_stream) = watch_children(api::<Deployment>(&client, ns), &w);
+    let (services, svc_stream) = watch_children(api::<Service>(&client, ns), &w);
+    let (network_policies, np_stream) = watch_children(api::<NetworkPolicy>(&client, ns), &w);
+    let (tiers, tier_stream) = watch_related(Api::<RateLimitTier>::all(client.clone()), &w);
+    let (key_schedules, krs_stream) = watch_related(api::<KeyRotationSchedule>(&client, ns), &w);
+    let (backups, backup_stream) = watch_related(api::<BackupPolicy>(&client, ns), &w);
 
     // The endpoints themselves, cached without managedFields like every
     // other kind (two writers' field sets per endpoint add up).
-    let (endpoint_cache, endpoint_stream) = watch_related(api::<FhirEndpoint>(&client, ns));
+    let (endpoint_cache, endpoint_stream) = watch_related(api::<FhirEndpoint>(&client, ns), &w);
     let mut controller = Controller::for_stream(endpoint_stream, endpoint_cache)
+        .trigger_backoff(NoSharedBackoff)
         .with_config(
             kube::runtime::controller::Config::default()
                 .concurrency(settings.concurrency)
@@ -138,20 +143,20 @@ pub async fn run_scope(
 
     let (pdbs, pdbs_v1beta1) = match caps.pdb {
         PdbApi::V1 => {
-            let (store, stream) = watch_children(api::<PodDisruptionBudget>(&client, ns));
+            let (store, stream) = watch_children(api::<PodDisruptionBudget>(&client, ns), &w);
             controller = controller.owns_stream(stream);
             (Some(store), None)
         }
         PdbApi::V1beta1 => {
-            let (store, stream) = watch_children(api::<PodDisruptionBudgetV1beta1>(&client, ns));
+            let (store, stream) = watch_children(api::<PodDisruptionBudgetV1beta1>(&client, ns), &w);
             controller = controller.owns_stream(stream);
             (None, Some(store))
         }
         PdbApi::NotServed => (None, None),
     };
     let (service_monitors, prometheus_rules) = if caps.monitoring {
-        let (sm, sm_stream) = watch_children(api::<ServiceMonitor>(&client, ns));
-        let (pr, pr_stream) = watch_children(api::<PrometheusRule>(&client, ns));
+        let (sm, sm_stream) = watch_children(api::<ServiceMonitor>(&client, ns), &w);
+        let (pr, pr_stream) = watch_children(api::<PrometheusRule>(&client, ns), &w);
         controller = controller.owns_stream(sm_stream).owns_stream(pr_stream);
         (Some(sm), Some(pr))
     } else {

@@ -23,10 +23,13 @@ use crate::api::{
     BackupPolicy, FhirEndpoint, KeyAlgorithm, KeyRotationSchedule, KeyRotationScheduleStatus, KeyVersionState,
     ObjectRef as StatusRef, RotationPhase, condition, reason,
 };
-use crate::apply::{Applier, ChildKind, apply_status, drive, publish_event, watch_children, watch_related};
+use crate::apply::{
+    Applier, ChildKind, NoSharedBackoff, apply_status, drive, publish_event, watch_children, watch_related,
+};
 use crate::conditions::{self, Clock, Desired};
 use crate::fhirendpoint::controller::api;
 use crate::fhirendpoint::validate::InvalidSpec;
+use crate::health::Watches;
 use crate::meta::{MANAGED_BY, MANAGED_BY_LABEL, child_meta, owner_ref};
 use crate::metrics::{SharedMetrics, StepLabels, WriteLabels};
 
@@ -381,22 +384,26 @@ async fn publish(ctx: &Context, krs: &KeyRotationSchedule, type_: EventType, rea
 
 /// Runs the controller of one scope (`None`: all namespaces) until
 /// `shutdown` completes; `ready` is called once its caches are filled.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_scope(
     client: Client,
     clock: Arc<dyn Clock>,
     metrics: SharedMetrics,
+    watches: Watches,
     namespace: Option<String>,
     instance: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
     ready: impl FnOnce() + Send,
 ) {
     let ns = namespace.as_deref();
-    let (secrets, secret_stream) = watch_children(api::<Secret>(&client, ns));
-    let (config_maps, cm_stream) = watch_children(api::<ConfigMap>(&client, ns));
-    let (endpoints, endpoint_stream) = watch_related(api::<FhirEndpoint>(&client, ns));
-    let (backups, backup_stream) = watch_related(api::<BackupPolicy>(&client, ns));
-    let (schedules, schedule_stream) = watch_related(api::<KeyRotationSchedule>(&client, ns));
+    let w = watches.controller(CONTROLLER, ns);
+    let (secrets, secret_stream) = watch_children(api::<Secret>(&client, ns), &w);
+    let (config_maps, cm_stream) = watch_children(api::<ConfigMap>(&client, ns), &w);
+    let (endpoints, endpoint_stream) = watch_related(api::<FhirEndpoint>(&client, ns), &w);
+    let (backups, backup_stream) = watch_related(api::<BackupPolicy>(&client, ns), &w);
+    let (schedules, schedule_stream) = watch_related(api::<KeyRotationSchedule>(&client, ns), &w);
     let controller = Controller::for_stream(schedule_stream, schedules.clone())
+        .trigger_backoff(NoSharedBackoff)
         .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(200)))
         .owns_stream(secret_stream)
         .owns_stream(cm_stream)
