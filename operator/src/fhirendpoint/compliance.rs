@@ -4,9 +4,10 @@
 
 use k8s_openapi::jiff::Timestamp;
 
+use super::database::Applied;
 use super::tls::CertInfo;
 use super::validate::Validated;
-use crate::api::{ComplianceCheck, ComplianceEntry, ComplianceStatus, SslMode};
+use crate::api::{ComplianceCheck, ComplianceEntry, ComplianceStatus};
 
 /// What the reconciler found out about the gateway's certificate.
 #[derive(Debug, Clone)]
@@ -64,6 +65,25 @@ pub struct Facts {
     /// For an external database: whether its credentials Secret exists with
     /// `username` and `password` (Err says what is wrong).
     pub database_credentials: Option<Result<(), String>>,
+    /// The Deployment that was applied, and the database connection read
+    /// back from it (`None`: the embedded database).
+    pub deployment: String,
+    pub database: Option<Applied>,
+    /// With `spec.database.caSecret`: whether that Secret exists with
+    /// `ca.crt` (Err says what is wrong).
+    pub database_ca: Option<Result<(), String>>,
+}
+
+/// Reasons of the `tls` entry about the database connection.
+pub mod reasons {
+    /// verify-ca/verify-full without a CA: the server cannot be verified,
+    /// so the connection cannot be made.
+    pub const DATABASE_CA_MISSING: &str = "DatabaseCaMissing";
+    /// The CA Secret is missing or has no `ca.crt`.
+    pub const DATABASE_CA_UNUSABLE: &str = "DatabaseCaUnusable";
+    /// The server's database driver cannot use TLS (hfs 0.2.7).
+    pub const DATABASE_TLS_UNSUPPORTED: &str = "DatabaseTlsUnsupported";
+    pub const DATABASE_NOT_VERIFIED: &str = "DatabaseNotVerified";
 }
 
 fn entry(
@@ -151,17 +171,8 @@ fn tls(v: &Validated<'_>, facts: &Facts) -> ComplianceEntry {
             evidence,
         );
     }
-    if let Some(db) = &v.endpoint.spec.database {
-        evidence.push(format!("FhirEndpoint/{ns}/{}:spec.database.sslMode", v.name));
-        if !matches!(db.ssl_mode, SslMode::VerifyFull | SslMode::VerifyCa) {
-            return entry(
-                ComplianceCheck::Tls,
-                Fail,
-                "DatabaseNotVerified",
-                "the database connection does not verify the server's certificate (sslMode verify-full or verify-ca)",
-                evidence,
-            );
-        }
+    if let Some((reason, message)) = database_tls(v, facts, &mut evidence) {
+        return entry(ComplianceCheck::Tls, Fail, reason, message, evidence);
     }
     entry(
         ComplianceCheck::Tls,
@@ -170,6 +181,48 @@ fn tls(v: &Validated<'_>, facts: &Facts) -> ComplianceEntry {
         format!("the gateway accepts TLS 1.3 only; certificate valid until {}", info.not_after),
         evidence,
     )
+}
+
+/// Why the database connection, as applied, is not verified TLS; adds the
+/// settings that show it to `evidence`.
+fn database_tls(v: &Validated<'_>, facts: &Facts, evidence: &mut Vec<String>) -> Option<(&'static str, String)> {
+    let ns = &v.namespace;
+    let applied = facts.database.as_ref()?;
+    let t = &applied.target;
+    evidence.push(format!("Deployment/{ns}/{}:env {} sslmode={}", facts.deployment, applied.setting, t.ssl_mode));
+    if !applied.tls_capable {
+        return Some((
+            reasons::DATABASE_TLS_UNSUPPORTED,
+            "the FHIR server (flavor helios, hfs 0.2.7) connects to PostgreSQL without TLS whatever \
+             spec.database.sslMode says; use flavor hapi for a verified connection"
+                .into(),
+        ));
+    }
+    if !matches!(t.ssl_mode.as_str(), "verify-full" | "verify-ca") {
+        return Some((
+            reasons::DATABASE_NOT_VERIFIED,
+            format!(
+                "the database connection uses sslmode {}: it does not verify the server's certificate \
+                 (set spec.database.sslMode to verify-full or verify-ca)",
+                t.ssl_mode
+            ),
+        ));
+    }
+    let Some(ca) = &applied.ca else {
+        return Some((
+            reasons::DATABASE_CA_MISSING,
+            format!(
+                "sslmode {} needs a CA to verify the database server and none is mounted: the connection \
+                 cannot be made. Set spec.database.caSecret to a Secret with key ca.crt",
+                t.ssl_mode
+            ),
+        ));
+    };
+    evidence.push(format!("Secret/{ns}/{}:{}", ca.secret, ca.key));
+    match &facts.database_ca {
+        Some(Err(reason)) => Some((reasons::DATABASE_CA_UNUSABLE, reason.clone())),
+        _ => None,
+    }
 }
 
 fn key_rotation(ns: &str, facts: &Facts) -> ComplianceEntry {
@@ -256,32 +309,30 @@ fn backup(ns: &str, facts: &Facts) -> ComplianceEntry {
 
 fn database(v: &Validated<'_>, facts: &Facts) -> ComplianceEntry {
     let ns = &v.namespace;
-    match (&v.endpoint.spec.database, &facts.database_credentials) {
-        (None, _) => entry(
+    let Some(applied) = &facts.database else {
+        return entry(
             ComplianceCheck::Database,
             Fail,
             "EmbeddedDatabase",
             "the FHIR server uses its embedded database: not production-ready (data lives only as long as the pod)",
-            vec![format!("FhirEndpoint/{ns}/{}:spec.database", v.name)],
+            vec![format!("Deployment/{ns}/{}", facts.deployment)],
+        );
+    };
+    let t = &applied.target;
+    let mut evidence = vec![format!("Deployment/{ns}/{}:env {}", facts.deployment, applied.setting)];
+    if let Some(db) = &v.database {
+        evidence.push(format!("Secret/{ns}/{}", db.credentials_secret));
+    }
+    match &facts.database_credentials {
+        Some(Ok(())) => entry(
+            ComplianceCheck::Database,
+            Pass,
+            "ExternalDatabase",
+            format!("external PostgreSQL {}:{} database {} with credentials from a Secret", t.host, t.port, t.database),
+            evidence,
         ),
-        (Some(db), credentials) => {
-            let evidence = vec![format!("Secret/{ns}/{}", db.credentials_secret)];
-            match credentials {
-                Some(Ok(())) => entry(
-                    ComplianceCheck::Database,
-                    Pass,
-                    "ExternalDatabase",
-                    format!("external PostgreSQL {}:{} with credentials from a Secret", db.host, db.port),
-                    evidence,
-                ),
-                Some(Err(reason)) => {
-                    entry(ComplianceCheck::Database, Fail, "CredentialsUnusable", reason.clone(), evidence)
-                }
-                None => {
-                    entry(ComplianceCheck::Database, Unknown, "NotYetMeasured", "credentials not checked yet", evidence)
-                }
-            }
-        }
+        Some(Err(reason)) => entry(ComplianceCheck::Database, Fail, "CredentialsUnusable", reason.clone(), evidence),
+        None => entry(ComplianceCheck::Database, Unknown, "NotYetMeasured", "credentials not checked yet", evidence),
     }
 }
 
