@@ -341,3 +341,97 @@ pub fn summary(entries: &[ComplianceEntry]) -> String {
     let passing = entries.iter().filter(|e| e.status == Pass).count();
     format!("{passing}/{}", entries.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{DatabaseSpec, FhirEndpoint, FhirEndpointSpec, ServerFlavor, SslMode};
+    use crate::discovery::{Capabilities, PdbApi};
+    use crate::fhirendpoint::build::{self, Images, Inputs};
+    use crate::fhirendpoint::{database, validate::validate};
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+    /// The tls entry of an endpoint with this database and flavor, computed
+    /// from the Deployment the builder makes (what the operator applies).
+    fn tls_entry(ca_secret: Option<&str>, mode: SslMode, flavor: ServerFlavor) -> ComplianceEntry {
+        let mut ep = FhirEndpoint::new(
+            "patients",
+            FhirEndpointSpec {
+                database: Some(DatabaseSpec {
+                    host: "db.example".into(),
+                    port: 5432,
+                    name: "fhir".into(),
+                    credentials_secret: "creds".into(),
+                    ssl_mode: mode,
+                    ca_secret: ca_secret.map(Into::into),
+                }),
+                ..Default::default()
+            },
+        );
+        ep.metadata.namespace = Some("clinical".into());
+        ep.spec.server.flavor = flavor;
+        if flavor == ServerFlavor::Helios {
+            ep.spec.server.image = "ghcr.io/heliossoftware/hfs:0.2.7".into();
+            ep.spec.public_url = Some("https://patients.clinical.svc".into());
+        }
+        let v = validate(&ep).unwrap();
+        let inputs = Inputs {
+            tier: None,
+            keys: Vec::new(),
+            tls_secret: "patients-tls".into(),
+            tls_fingerprint: String::new(),
+            capabilities: Capabilities { monitoring: false, pdb: PdbApi::V1 },
+            images: Images::default(),
+        };
+        let children = build::build(&v, crate::meta::owner_ref(&ep), &inputs).unwrap();
+        let now = Timestamp::UNIX_EPOCH + SignedDuration::from_hours(24);
+        let facts = Facts {
+            now,
+            tls: TlsFact::Certificate {
+                secret: "patients-tls".into(),
+                info: CertInfo {
+                    not_before: Timestamp::UNIX_EPOCH,
+                    not_after: now + SignedDuration::from_hours(24),
+                    fingerprint: String::new(),
+                    dns_names: Vec::new(),
+                },
+            },
+            network_policy: None,
+            gateway_config: "patients-gateway".into(),
+            key_schedules: Vec::new(),
+            backup: BackupFact::NoPolicy,
+            database_credentials: Some(Ok(())),
+            deployment: "patients".into(),
+            database: database::applied(&children.deployment),
+            database_ca: ca_secret.map(|_| Ok(())),
+        };
+        evaluate(&v, &facts).remove(0)
+    }
+
+    #[test]
+    fn verify_full_without_a_ca_fails_and_says_what_to_set() {
+        let entry = tls_entry(None, SslMode::VerifyFull, ServerFlavor::Hapi);
+        assert_eq!((entry.status, entry.reason.as_str()), (Fail, reasons::DATABASE_CA_MISSING));
+        assert!(entry.message.contains("spec.database.caSecret"), "{}", entry.message);
+    }
+
+    #[test]
+    fn verify_full_with_the_mounted_ca_passes_with_the_applied_evidence() {
+        let entry = tls_entry(Some("patients-db-ca"), SslMode::VerifyFull, ServerFlavor::Hapi);
+        assert_eq!(entry.status, Pass, "{entry:?}");
+        assert!(
+            entry
+                .evidence
+                .contains(&"Deployment/clinical/patients:env SPRING_DATASOURCE_URL sslmode=verify-full".into())
+        );
+        assert!(entry.evidence.contains(&"Secret/clinical/patients-db-ca:ca.crt".into()));
+    }
+
+    #[test]
+    fn what_cannot_be_verified_never_passes() {
+        let entry = tls_entry(Some("ca"), SslMode::Require, ServerFlavor::Hapi);
+        assert_eq!((entry.status, entry.reason.as_str()), (Fail, reasons::DATABASE_NOT_VERIFIED));
+        let entry = tls_entry(Some("ca"), SslMode::VerifyFull, ServerFlavor::Helios);
+        assert_eq!((entry.status, entry.reason.as_str()), (Fail, reasons::DATABASE_TLS_UNSUPPORTED));
+    }
+}
