@@ -59,6 +59,16 @@ async fn create_referenced_secrets(client: &Client, ns: &str) {
         ..Default::default()
     };
     secrets.create(&PostParams::default(), &creds).await.expect("credentials secret");
+    // The database CA (spec.database.caSecret): any certificate will do,
+    // nothing connects here.
+    let names = fhir_operator::fhirendpoint::tls::dns_names("patients-db", ns);
+    let (cert, _) = fhir_operator::fhirendpoint::tls::issue(&names, now).expect("ca");
+    let ca = Secret {
+        metadata: kube::api::ObjectMeta { name: Some("patients-db-ca".into()), ..Default::default() },
+        data: Some(BTreeMap::from([("ca.crt".to_owned(), ByteString(cert.into_bytes()))])),
+        ..Default::default()
+    };
+    secrets.create(&PostParams::default(), &ca).await.expect("database CA secret");
 }
 
 async fn apply_examples(client: &Client, ns: &str) {
@@ -175,6 +185,15 @@ async fn examples_get_their_children_become_ready_and_report_compliance() {
             "{name}: compliance {summary}: {:?}",
             status.compliance.iter().map(|c| (c.name, c.status)).collect::<Vec<_>>()
         );
+        if name == "patients" {
+            // What the Deployment was given, read back: verified TLS with the mounted CA.
+            let tls = status.compliance.iter().find(|c| c.reason == "Tls13Only").expect("tls passes");
+            let want = [
+                format!("Deployment/{ns}/patients:env SPRING_DATASOURCE_URL sslmode=verify-full"),
+                format!("Secret/{ns}/patients-db-ca:ca.crt"),
+            ];
+            assert!(want.iter().all(|w| tls.evidence.contains(w)), "{:?}", tls.evidence);
+        }
         // No monitoring CRDs in this cluster: said so, nothing failed.
         let degraded = condition(&ep, "Degraded").unwrap();
         assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "MonitoringNotServed"));
@@ -316,6 +335,38 @@ async fn an_invalid_spec_is_reported_by_field_while_others_reconcile() {
     tiers.create(&PostParams::default(), &tier).await.unwrap();
     wait_condition(client, ns, "tiered", "Progressing", "True", Some("RollingOut")).await;
     let _ = tiers.delete("e2e-platinum", &DeleteParams::default()).await;
+}
+
+/// A host the schema's pattern lets through (digits and dots) but that is no
+/// IPv4 address: the operator refuses it by field and applies nothing.
+#[tokio::test]
+async fn a_hostile_database_host_is_refused_by_field_and_nothing_is_applied() {
+    let env = setup("hostile", &[]).await;
+    let (client, ns) = (&env.client, env.ns.as_str());
+    let endpoint = json!({
+        "apiVersion": "fhiroperator.io/v1alpha1", "kind": "FhirEndpoint",
+        "metadata": {"name": "hostile"},
+        "spec": {"database": {"host": "999.0.0.1", "name": "fhir", "credentialsSecret": "db"}},
+    });
+    apply_value(client, ns, &endpoint).await;
+    let bad = wait_condition(client, ns, "hostile", "Ready", "False", Some("InvalidSpec")).await;
+    let message = &condition(&bad, "Ready").unwrap().message;
+    assert!(message.starts_with("spec.database.host: \"999.0.0.1\""), "names the field: {message}");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    assert!(deployments.get_opt("hostile").await.unwrap().is_none(), "nothing applied from a hostile spec");
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    assert!(config_maps.get_opt("hostile-gateway").await.unwrap().is_none());
+
+    // The API server's own schema refuses the injection itself, naming the field.
+    let api: Api<FhirEndpoint> = Api::namespaced(client.clone(), ns);
+    let mut injected = endpoint.clone();
+    injected["metadata"]["name"] = json!("injected");
+    injected["spec"]["database"]["host"] = json!("evil.example/fhir?sslmode=disable&x=");
+    let err = api
+        .create(&PostParams::default(), &serde_json::from_value(injected).unwrap())
+        .await
+        .expect_err("the schema refuses it");
+    assert!(err.to_string().contains("spec.database.host"), "{err}");
 }
 
 #[tokio::test]

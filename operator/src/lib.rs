@@ -20,6 +20,7 @@ pub mod render;
 pub mod run;
 pub mod server;
 pub mod telemetry;
+pub mod validation;
 
 /// Chooses ring as the process-wide TLS provider (kube's), before any
 /// client is built: two providers are linked (object_store's S3 client

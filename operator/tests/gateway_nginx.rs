@@ -138,6 +138,8 @@ fn settings_in(dir: &Path, listen: String, upstream: String, limits: Limits) -> 
     GatewaySettings {
         listen,
         upstream,
+        public_host: "patients.clinical.svc".into(),
+        public_port: 443,
         tls_certificate: path("tls.crt"),
         tls_certificate_key: path("tls.key"),
         api_keys_map: path("api-keys.map"),
@@ -899,4 +901,31 @@ fn a_glob_key_map_takes_every_schedules_keys_and_tolerates_none() {
         Req::get("/Patient/1").key(WRONG_KEY),
     ]);
     assert_eq!(statuses(&responses), [200, 200, 401], "both schedules' keys pass, others do not");
+}
+
+#[test]
+fn live_forwarded_headers_are_the_gateways_never_the_clients() {
+    let gateway = Gateway::start(limits(LimitKey::Client, RELAXED, None, None));
+    let response = gateway.send_one(
+        Req::get("/fhir/Patient")
+            .key(ALPHA_KEY)
+            .header("X-Forwarded-Host: evil.example")
+            .header("X-Forwarded-Proto: http")
+            .header("X-Forwarded-Port: 80")
+            .header("X-Forwarded-Prefix: /evil")
+            .header("X-Forwarded-Server: evil.example")
+            .header("X-Real-IP: 203.0.113.9")
+            .header("Forwarded: for=203.0.113.9;host=evil.example;proto=http"),
+    );
+    assert_eq!(response.status, 200, "{response:?}");
+    let seen = response.seen();
+    // The endpoint's public address (the settings' public_host and port),
+    // the same the FHIR server is configured with.
+    assert_eq!(seen.header("x-forwarded-host"), ["patients.clinical.svc"], "not the client's claim");
+    assert_eq!(seen.header("x-forwarded-proto"), ["https"]);
+    assert_eq!(seen.header("x-forwarded-port"), ["443"]);
+    assert_eq!(seen.header("x-forwarded-for"), ["127.0.0.1"]);
+    for dropped in ["forwarded", "x-forwarded-prefix", "x-forwarded-server", "x-real-ip"] {
+        assert_eq!(seen.header(dropped), Vec::<&str>::new(), "{dropped} is not passed on");
+    }
 }

@@ -94,18 +94,8 @@ fn a_missing_tier_is_named_unless_placeholders_are_asked_for() {
 fn documents_come_from_stdin_too_and_invalid_specs_name_the_field() {
     let invalid =
         std::fs::read_to_string(examples().join("invalid").join("fhirendpoint-empty-access-peer.yaml")).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["render", "-f", "-", "-n", "clinic"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(invalid.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, _, err) = render_stdin(&["-n", "clinic"], &invalid);
+    assert!(!ok);
     assert!(err.contains("FhirEndpoint clinic/invalid-access-peer: spec.access.from[0]"), "{err}");
 
     let (ok, _, err) = render(&["-f", "/nonexistent/endpoint.yaml"]);
@@ -163,4 +153,102 @@ fn every_pod_template_meets_pod_security_restricted() {
         }
     }
     assert_eq!(checked, 6, "2 endpoints × 3 containers checked");
+}
+
+/// `fhir-operator render -f - ARGS` with `input` on stdin.
+fn render_stdin(args: &[&str], input: &str) -> (bool, String, String) {
+    let mut child = Command::new(BIN)
+        .args(["render", "-f", "-"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// Renders one FhirEndpoint given as JSON, in namespace clinical.
+fn render_value(endpoint: &Value) -> (bool, String, String) {
+    render_stdin(&["-n", "clinical", "--allow-missing"], &serde_yaml::to_string(endpoint).unwrap())
+}
+
+fn endpoint_with(spec: Value) -> Value {
+    serde_json::json!({"apiVersion": "fhiroperator.io/v1alpha1", "kind": "FhirEndpoint",
+        "metadata": {"name": "hostile"}, "spec": spec})
+}
+
+/// Quotes, newlines, `&`, `?`, `/`, `@`, `#`, `%`, unicode and over-long
+/// values in every field that reaches a URL, an environment variable or a
+/// volume: `render` refuses each, naming the field, and prints nothing.
+#[test]
+fn hostile_values_are_refused_by_render_naming_the_field() {
+    let hostile = [
+        "evil.example/fhir?sslmode=disable&x=",
+        "db\"; DROP",
+        "db'x",
+        "db\nsslmode=disable",
+        "user@db",
+        "db#frag",
+        "db%2F",
+        "dätabase",
+        "db x",
+    ];
+    let long = "a".repeat(300);
+    let database = |field: &str, value: &str| {
+        let mut db = serde_json::json!({"host": "db.example", "name": "fhir", "credentialsSecret": "creds"});
+        db[field] = Value::from(value);
+        serde_json::json!({"database": db})
+    };
+    let mut cases: Vec<(&str, Value)> = Vec::new();
+    for value in hostile.iter().copied().chain([long.as_str()]) {
+        cases.push(("spec.database.host", database("host", value)));
+        cases.push(("spec.database.name", database("name", value)));
+        cases.push(("spec.database.credentialsSecret", database("credentialsSecret", value)));
+        cases.push(("spec.database.caSecret", database("caSecret", value)));
+        cases.push(("spec.server.image", serde_json::json!({"server": {"image": value}})));
+        cases.push(("spec.publicUrl", serde_json::json!({"publicUrl": format!("https://x.example/fhir{value}")})));
+        cases.push(("spec.rateLimit.tier", serde_json::json!({"rateLimit": {"tier": value}})));
+        cases.push(("spec.tls.secretName", serde_json::json!({"tls": {"secretName": value}})));
+    }
+    cases.push(("spec.server.image", serde_json::json!({"server": {"image": "a b"}})));
+    cases.push(("spec.publicUrl", serde_json::json!({"publicUrl": "https://user:pw@x.example/fhir"})));
+    cases.push(("spec.publicUrl", serde_json::json!({"publicUrl": "https://x.example/fhir?a=b"})));
+    cases.push((
+        "spec.database.port",
+        serde_json::json!({"database": {"host": "db", "name": "f", "credentialsSecret": "c", "port": 70000}}),
+    ));
+    for (field, spec) in cases {
+        let (ok, out, err) = render_value(&endpoint_with(spec.clone()));
+        assert!(!ok && out.is_empty(), "{field}: rendered {spec}");
+        assert!(err.contains(&format!("FhirEndpoint clinical/hostile: {field}")), "{field} for {spec}: {err}");
+    }
+}
+
+/// Flavor helios (the Helios FHIR Server, hfs): its own environment, the
+/// public URL as HFS_BASE_URL, the database as separate HFS_PG_* values with
+/// the credentials from the Secret, and the CA mounted.
+#[test]
+fn helios_flavor_renders_its_own_environment() {
+    let endpoint = serde_json::json!({"apiVersion": "fhiroperator.io/v1alpha1", "kind": "FhirEndpoint",
+    "metadata": {"name": "patients"},
+    "spec": {
+        "publicUrl": "https://patients.clinical.example",
+        "server": {"flavor": "helios", "image": "ghcr.io/heliossoftware/hfs:0.2.7"},
+        "database": {"host": "fd00::5", "name": "fhir", "credentialsSecret": "patients-db",
+            "caSecret": "patients-db-ca"},
+    }});
+    let (ok, out, err) = render_value(&endpoint);
+    assert!(ok, "{err}");
+    insta::assert_snapshot!("children_helios", out);
+    let deployment = documents(&out).into_iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let env = &deployment["spec"]["template"]["spec"]["containers"][0]["env"];
+    let value = |name: &str| env.as_array().unwrap().iter().find(|e| e["name"] == name).cloned();
+    assert_eq!(value("HFS_BASE_URL").unwrap()["value"], "https://patients.clinical.example");
+    assert_eq!(value("HFS_PG_HOST").unwrap()["value"], "fd00::5");
+    assert_eq!(value("HFS_PG_PASSWORD").unwrap()["valueFrom"]["secretKeyRef"]["name"], "patients-db");
+    assert!(value("HFS_DATABASE_URL").is_none() && value("SPRING_DATASOURCE_URL").is_none());
 }

@@ -439,6 +439,8 @@ impl Site {
         let settings = GatewaySettings {
             listen: format!("127.0.0.1:{port}"),
             upstream: format!("127.0.0.1:{upstream_port}"),
+            public_host: "localhost".into(),
+            public_port: port,
             tls_certificate: path("tls.crt"),
             tls_certificate_key: path("tls.key"),
             api_keys_map: path("api-keys.map"),

@@ -1,6 +1,7 @@
 //! `FhirEndpoint`: one FHIR server behind an nginx gateway.
 
 use super::common::{NAME_PATTERN, conditions_schema};
+use crate::validation::{DATABASE_NAME_PATTERN, HOST_PATTERN, IMAGE_PATTERN, PUBLIC_URL_PATTERN};
 use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
@@ -61,6 +62,16 @@ pub struct FhirEndpointSpec {
     #[serde(default)]
     pub server: ServerSpec,
 
+    /// The address clients use, given to the FHIR server for the absolute
+    /// URLs it writes (`Location`, `Bundle.link`). https only; no user
+    /// information, query or fragment; its path must be the server's base
+    /// path (`/fhir` for hapi, none for helios): the gateway does not
+    /// rewrite paths. Default: `https://<name>.<namespace>.svc` plus the
+    /// base path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = PUBLIC_URL_PATTERN))]
+    pub public_url: Option<String>,
+
     /// External PostgreSQL database. Absent: the server's embedded database,
     /// allowed for trials but reported as not production-ready in status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -93,9 +104,16 @@ pub struct FhirEndpointSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ServerSpec {
-    /// Container image of a HAPI FHIR JPA server (or compatible).
+    /// Which FHIR server the image holds: `hapi` (HAPI FHIR JPA server,
+    /// configured through Spring's environment) or `helios` (the Helios
+    /// FHIR Server, `hfs`, configured through `HFS_*`).
+    #[serde(default)]
+    pub flavor: ServerFlavor,
+
+    /// Container image: `[registry[:port]/]path[:tag][@sha256:digest]`.
+    /// With flavor `helios`, set it: the default is a HAPI image.
     #[serde(default = "default_image")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 512), regex(pattern = IMAGE_PATTERN))]
     pub image: String,
 
     /// FHIR release served. Immutable: stored resources are release-specific.
@@ -120,6 +138,7 @@ pub struct ServerSpec {
 impl Default for ServerSpec {
     fn default() -> Self {
         Self {
+            flavor: ServerFlavor::default(),
             image: default_image(),
             fhir_version: FhirVersion::default(),
             replicas: default_replicas(),
@@ -137,6 +156,25 @@ fn default_replicas() -> i32 {
     1
 }
 
+/// The FHIR server implementation an image holds.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerFlavor {
+    #[default]
+    Hapi,
+    Helios,
+}
+
+impl ServerFlavor {
+    /// The path the server serves FHIR under (what the gateway passes on).
+    pub fn base_path(self) -> &'static str {
+        match self {
+            ServerFlavor::Hapi => "/fhir",
+            ServerFlavor::Helios => "",
+        }
+    }
+}
+
 /// FHIR release.
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum FhirVersion {
@@ -150,14 +188,16 @@ pub enum FhirVersion {
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct DatabaseSpec {
-    /// Host name or address of the PostgreSQL server.
-    #[schemars(length(min = 1, max = 253))]
+    /// Host of the PostgreSQL server: a DNS-1123 subdomain (lowercase), an
+    /// IPv4 address, or an IPv6 address written bare (`fd00::10`).
+    #[schemars(length(min = 1, max = 253), regex(pattern = HOST_PATTERN))]
     pub host: String,
     #[serde(default = "default_pg_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
-    /// Database name.
-    #[schemars(length(min = 1, max = 63))]
+    /// Database name: an ASCII letter or `_`, then letters, digits, `_`,
+    /// `$` or `-`; at most 63 bytes.
+    #[schemars(length(min = 1, max = 63), regex(pattern = DATABASE_NAME_PATTERN))]
     pub name: String,
     /// Secret in the endpoint's namespace with keys `username` and `password`.
     #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
@@ -166,6 +206,12 @@ pub struct DatabaseSpec {
     /// compliance check.
     #[serde(default)]
     pub ssl_mode: SslMode,
+    /// Secret in the endpoint's namespace whose key `ca.crt` holds the CA
+    /// certificate(s) that verify the database server (with `verify-ca` and
+    /// `verify-full`). Mounted read-only into the FHIR server and backup Jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    pub ca_secret: Option<String>,
 }
 
 fn default_pg_port() -> i32 {

@@ -108,7 +108,7 @@ async fn reconcile(policy: Arc<BackupPolicy>, ctx: Arc<Context>) -> Result<Actio
 /// What the policy names, checked.
 struct Resolved {
     settings: Settings,
-    database: crate::api::DatabaseSpec,
+    database: crate::fhirendpoint::validate::Database,
     key_secret: String,
 }
 
@@ -125,7 +125,7 @@ fn resolve(policy: &BackupPolicy, ctx: &Context) -> Result<Resolved, (&'static s
             ),
         )
     })?;
-    let database = endpoint.spec.database.clone().ok_or_else(|| {
+    let database = endpoint.spec.database.as_ref().ok_or_else(|| {
         (
             reasons::EMBEDDED_DATABASE,
             invalid(
@@ -135,6 +135,14 @@ fn resolve(policy: &BackupPolicy, ctx: &Context) -> Result<Resolved, (&'static s
                     policy.spec.endpoint
                 ),
             ),
+        )
+    })?;
+    // The endpoint's controller refuses the same fields; nothing of a
+    // refused database reaches a Job's environment.
+    let database = crate::fhirendpoint::validate::check_database(database).map_err(|e| {
+        (
+            reason::INVALID_SPEC,
+            invalid("spec.endpoint", format!("FhirEndpoint {:?} has an invalid database: {e}", policy.spec.endpoint)),
         )
     })?;
     let key_schedule = &policy.spec.encryption.key_schedule;

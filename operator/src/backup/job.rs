@@ -26,8 +26,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use k8s_openapi::jiff::Timestamp;
 
 use super::plan::{NewJob, RunKind};
-use crate::api::{BackupPolicy, DatabaseSpec};
-use crate::fhirendpoint::pod::{env, secret_env, ssl_mode};
+use crate::api::BackupPolicy;
+use crate::fhirendpoint::database::{CA_DIR, CA_VOLUME};
+use crate::fhirendpoint::pod::{ca_volume, env, secret_env};
+use crate::fhirendpoint::validate::Database;
 use crate::meta::{MANAGED_BY, MANAGED_BY_LABEL};
 
 /// Label naming the policy on its Jobs.
@@ -52,7 +54,8 @@ const ACTIVE_DEADLINE_SECONDS: i64 = 6 * 3600;
 const TTL_SECONDS_AFTER_FINISHED: i32 = 7 * 86_400;
 
 /// Runs in the PostgreSQL image with PGHOST, PGPORT, PGDATABASE, PGUSER,
-/// PGPASSWORD and PGSSLMODE set: writes `$SCRATCH/dump` and
+/// PGPASSWORD, PGSSLMODE and, with `spec.database.caSecret`, PGSSLROOTCERT
+/// set: writes `$SCRATCH/dump` and
 /// `$SCRATCH/counts.tsv` (`<rows>\t<schema.table>` for every table whose
 /// data the dump holds, counted from the dump itself, so the counts are of
 /// exactly the snapshot that was dumped).
@@ -116,7 +119,8 @@ pub struct JobInputs<'a> {
     pub policy: &'a BackupPolicy,
     pub namespace: &'a str,
     pub owner: OwnerReference,
-    pub database: &'a DatabaseSpec,
+    /// The endpoint's database, validated.
+    pub database: &'a Database,
     /// The Secret of the key schedule.
     pub key_secret: &'a str,
     pub images: &'a JobImages,
@@ -149,6 +153,13 @@ pub fn build(job: &NewJob, inputs: &JobInputs<'_>) -> Job {
             ..Default::default()
         },
     ];
+    // Only the dump connects to the endpoint's database; a drill restores
+    // into a scratch server inside its own pod.
+    if job.kind == RunKind::Backup
+        && let Some(ca) = &inputs.database.ca_secret
+    {
+        volumes.push(ca_volume(ca));
+    }
     if let Some(pvc) = &inputs.policy.spec.destination.persistent_volume_claim {
         volumes.push(Volume {
             name: "backups".into(),
@@ -200,21 +211,16 @@ pub fn build(job: &NewJob, inputs: &JobInputs<'_>) -> Job {
 
 fn backup_containers(job: &NewJob, inputs: &JobInputs<'_>, policy: &str) -> (Vec<Container>, Vec<Container>) {
     let db = inputs.database;
+    let mut dump_mounts = vec![mount("scratch", SCRATCH, false)];
+    if db.ca_secret.is_some() {
+        dump_mounts.push(mount(CA_VOLUME, CA_DIR, true));
+    }
     let dump = Container {
         name: "dump".into(),
         image: Some(inputs.images.postgres.clone()),
         command: Some(vec!["sh".into(), "-c".into(), DUMP_SCRIPT.into()]),
-        env: Some(vec![
-            env("SCRATCH", SCRATCH),
-            env("PGHOST", &db.host),
-            env("PGPORT", db.port.to_string()),
-            env("PGDATABASE", &db.name),
-            secret_env("PGUSER", &db.credentials_secret, "username"),
-            secret_env("PGPASSWORD", &db.credentials_secret, "password"),
-            env("PGSSLMODE", ssl_mode(db.ssl_mode)),
-            env("PGCONNECT_TIMEOUT", "30"),
-        ]),
-        volume_mounts: Some(vec![mount("scratch", SCRATCH, false)]),
+        env: Some(dump_env(db)),
+        volume_mounts: Some(dump_mounts),
         ..hardened()
     };
     let spec = &inputs.policy.spec;
@@ -224,7 +230,7 @@ fn backup_containers(job: &NewJob, inputs: &JobInputs<'_>, policy: &str) -> (Vec
         format!("--namespace={}", inputs.namespace),
         format!("--policy={policy}"),
         format!("--endpoint={}", spec.endpoint),
-        format!("--database={}", db.name),
+        format!("--database={}", db.target.database),
         format!("--backup-id={}", job.name),
         format!("--dump={SCRATCH}/dump"),
         format!("--counts={SCRATCH}/counts.tsv"),
@@ -248,6 +254,26 @@ fn backup_containers(job: &NewJob, inputs: &JobInputs<'_>, policy: &str) -> (Vec
         ..hardened()
     };
     (vec![dump], vec![agent])
+}
+
+/// libpq's environment for the dump: each value verbatim, none through a
+/// shell or a connection string.
+pub fn dump_env(db: &Database) -> Vec<EnvVar> {
+    let t = &db.target;
+    let mut vars = vec![
+        env("SCRATCH", SCRATCH),
+        env("PGHOST", &t.host),
+        env("PGPORT", t.port.to_string()),
+        env("PGDATABASE", &t.database),
+        secret_env("PGUSER", &db.credentials_secret, "username"),
+        secret_env("PGPASSWORD", &db.credentials_secret, "password"),
+        env("PGSSLMODE", &t.ssl_mode),
+        env("PGCONNECT_TIMEOUT", "30"),
+    ];
+    if let Some(cert) = &t.root_cert {
+        vars.push(env("PGSSLROOTCERT", cert));
+    }
+    vars
 }
 
 fn drill_containers(inputs: &JobInputs<'_>, policy: &str) -> (Vec<Container>, Vec<Container>) {

@@ -158,7 +158,11 @@ pub fn build(v: &Validated<'_>, owner: OwnerReference, inputs: &Inputs) -> Resul
     let meta = |name: String| child_meta(name, &v.namespace, &labels, owner.clone());
 
     let limits = inputs.tier.as_ref().map(limits_from_tier).unwrap_or(DEFAULT_LIMITS);
-    let nginx_conf = gateway::nginx_conf(&pod::gateway_settings(limits))?;
+    let nginx_conf = gateway::nginx_conf(&gateway::GatewaySettings {
+        public_host: v.public_host.clone(),
+        public_port: v.public_port,
+        ..pod::gateway_settings(limits)
+    })?;
     let config_hash = crate::meta::sha256_hex(nginx_conf.as_bytes());
     let gateway_config = ConfigMap {
         metadata: meta(gateway_config_name(&v.name)),

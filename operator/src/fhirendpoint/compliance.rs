@@ -4,9 +4,10 @@
 
 use k8s_openapi::jiff::Timestamp;
 
+use super::database::Applied;
 use super::tls::CertInfo;
 use super::validate::Validated;
-use crate::api::{ComplianceCheck, ComplianceEntry, ComplianceStatus, SslMode};
+use crate::api::{ComplianceCheck, ComplianceEntry, ComplianceStatus};
 
 /// What the reconciler found out about the gateway's certificate.
 #[derive(Debug, Clone)]
@@ -64,6 +65,25 @@ pub struct Facts {
     /// For an external database: whether its credentials Secret exists with
     /// `username` and `password` (Err says what is wrong).
     pub database_credentials: Option<Result<(), String>>,
+    /// The Deployment that was applied, and the database connection read
+    /// back from it (`None`: the embedded database).
+    pub deployment: String,
+    pub database: Option<Applied>,
+    /// With `spec.database.caSecret`: whether that Secret exists with
+    /// `ca.crt` (Err says what is wrong).
+    pub database_ca: Option<Result<(), String>>,
+}
+
+/// Reasons of the `tls` entry about the database connection.
+pub mod reasons {
+    /// verify-ca/verify-full without a CA: the server cannot be verified,
+    /// so the connection cannot be made.
+    pub const DATABASE_CA_MISSING: &str = "DatabaseCaMissing";
+    /// The CA Secret is missing or has no `ca.crt`.
+    pub const DATABASE_CA_UNUSABLE: &str = "DatabaseCaUnusable";
+    /// The server's database driver cannot use TLS (hfs 0.2.7).
+    pub const DATABASE_TLS_UNSUPPORTED: &str = "DatabaseTlsUnsupported";
+    pub const DATABASE_NOT_VERIFIED: &str = "DatabaseNotVerified";
 }
 
 fn entry(
@@ -151,17 +171,8 @@ fn tls(v: &Validated<'_>, facts: &Facts) -> ComplianceEntry {
             evidence,
         );
     }
-    if let Some(db) = &v.endpoint.spec.database {
-        evidence.push(format!("FhirEndpoint/{ns}/{}:spec.database.sslMode", v.name));
-        if !matches!(db.ssl_mode, SslMode::VerifyFull | SslMode::VerifyCa) {
-            return entry(
-                ComplianceCheck::Tls,
-                Fail,
-                "DatabaseNotVerified",
-                "the database connection does not verify the server's certificate (sslMode verify-full or verify-ca)",
-                evidence,
-            );
-        }
+    if let Some((reason, message)) = database_tls(v, facts, &mut evidence) {
+        return entry(ComplianceCheck::Tls, Fail, reason, message, evidence);
     }
     entry(
         ComplianceCheck::Tls,
@@ -170,6 +181,48 @@ fn tls(v: &Validated<'_>, facts: &Facts) -> ComplianceEntry {
         format!("the gateway accepts TLS 1.3 only; certificate valid until {}", info.not_after),
         evidence,
     )
+}
+
+/// Why the database connection, as applied, is not verified TLS; adds the
+/// settings that show it to `evidence`.
+fn database_tls(v: &Validated<'_>, facts: &Facts, evidence: &mut Vec<String>) -> Option<(&'static str, String)> {
+    let ns = &v.namespace;
+    let applied = facts.database.as_ref()?;
+    let t = &applied.target;
+    evidence.push(format!("Deployment/{ns}/{}:env {} sslmode={}", facts.deployment, applied.setting, t.ssl_mode));
+    if !applied.tls_capable {
+        return Some((
+            reasons::DATABASE_TLS_UNSUPPORTED,
+            "the FHIR server (flavor helios, hfs 0.2.7) connects to PostgreSQL without TLS whatever \
+             spec.database.sslMode says; use flavor hapi for a verified connection"
+                .into(),
+        ));
+    }
+    if !matches!(t.ssl_mode.as_str(), "verify-full" | "verify-ca") {
+        return Some((
+            reasons::DATABASE_NOT_VERIFIED,
+            format!(
+                "the database connection uses sslmode {}: it does not verify the server's certificate \
+                 (set spec.database.sslMode to verify-full or verify-ca)",
+                t.ssl_mode
+            ),
+        ));
+    }
+    let Some(ca) = &applied.ca else {
+        return Some((
+            reasons::DATABASE_CA_MISSING,
+            format!(
+                "sslmode {} needs a CA to verify the database server and none is mounted: the connection \
+                 cannot be made. Set spec.database.caSecret to a Secret with key ca.crt",
+                t.ssl_mode
+            ),
+        ));
+    };
+    evidence.push(format!("Secret/{ns}/{}:{}", ca.secret, ca.key));
+    match &facts.database_ca {
+        Some(Err(reason)) => Some((reasons::DATABASE_CA_UNUSABLE, reason.clone())),
+        _ => None,
+    }
 }
 
 fn key_rotation(ns: &str, facts: &Facts) -> ComplianceEntry {
@@ -256,32 +309,30 @@ fn backup(ns: &str, facts: &Facts) -> ComplianceEntry {
 
 fn database(v: &Validated<'_>, facts: &Facts) -> ComplianceEntry {
     let ns = &v.namespace;
-    match (&v.endpoint.spec.database, &facts.database_credentials) {
-        (None, _) => entry(
+    let Some(applied) = &facts.database else {
+        return entry(
             ComplianceCheck::Database,
             Fail,
             "EmbeddedDatabase",
             "the FHIR server uses its embedded database: not production-ready (data lives only as long as the pod)",
-            vec![format!("FhirEndpoint/{ns}/{}:spec.database", v.name)],
+            vec![format!("Deployment/{ns}/{}", facts.deployment)],
+        );
+    };
+    let t = &applied.target;
+    let mut evidence = vec![format!("Deployment/{ns}/{}:env {}", facts.deployment, applied.setting)];
+    if let Some(db) = &v.database {
+        evidence.push(format!("Secret/{ns}/{}", db.credentials_secret));
+    }
+    match &facts.database_credentials {
+        Some(Ok(())) => entry(
+            ComplianceCheck::Database,
+            Pass,
+            "ExternalDatabase",
+            format!("external PostgreSQL {}:{} database {} with credentials from a Secret", t.host, t.port, t.database),
+            evidence,
         ),
-        (Some(db), credentials) => {
-            let evidence = vec![format!("Secret/{ns}/{}", db.credentials_secret)];
-            match credentials {
-                Some(Ok(())) => entry(
-                    ComplianceCheck::Database,
-                    Pass,
-                    "ExternalDatabase",
-                    format!("external PostgreSQL {}:{} with credentials from a Secret", db.host, db.port),
-                    evidence,
-                ),
-                Some(Err(reason)) => {
-                    entry(ComplianceCheck::Database, Fail, "CredentialsUnusable", reason.clone(), evidence)
-                }
-                None => {
-                    entry(ComplianceCheck::Database, Unknown, "NotYetMeasured", "credentials not checked yet", evidence)
-                }
-            }
-        }
+        Some(Err(reason)) => entry(ComplianceCheck::Database, Fail, "CredentialsUnusable", reason.clone(), evidence),
+        None => entry(ComplianceCheck::Database, Unknown, "NotYetMeasured", "credentials not checked yet", evidence),
     }
 }
 
@@ -289,4 +340,98 @@ fn database(v: &Validated<'_>, facts: &Facts) -> ComplianceEntry {
 pub fn summary(entries: &[ComplianceEntry]) -> String {
     let passing = entries.iter().filter(|e| e.status == Pass).count();
     format!("{passing}/{}", entries.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{DatabaseSpec, FhirEndpoint, FhirEndpointSpec, ServerFlavor, SslMode};
+    use crate::discovery::{Capabilities, PdbApi};
+    use crate::fhirendpoint::build::{self, Images, Inputs};
+    use crate::fhirendpoint::{database, validate::validate};
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+    /// The tls entry of an endpoint with this database and flavor, computed
+    /// from the Deployment the builder makes (what the operator applies).
+    fn tls_entry(ca_secret: Option<&str>, mode: SslMode, flavor: ServerFlavor) -> ComplianceEntry {
+        let mut ep = FhirEndpoint::new(
+            "patients",
+            FhirEndpointSpec {
+                database: Some(DatabaseSpec {
+                    host: "db.example".into(),
+                    port: 5432,
+                    name: "fhir".into(),
+                    credentials_secret: "creds".into(),
+                    ssl_mode: mode,
+                    ca_secret: ca_secret.map(Into::into),
+                }),
+                ..Default::default()
+            },
+        );
+        ep.metadata.namespace = Some("clinical".into());
+        ep.spec.server.flavor = flavor;
+        if flavor == ServerFlavor::Helios {
+            ep.spec.server.image = "ghcr.io/heliossoftware/hfs:0.2.7".into();
+            ep.spec.public_url = Some("https://patients.clinical.svc".into());
+        }
+        let v = validate(&ep).unwrap();
+        let inputs = Inputs {
+            tier: None,
+            keys: Vec::new(),
+            tls_secret: "patients-tls".into(),
+            tls_fingerprint: String::new(),
+            capabilities: Capabilities { monitoring: false, pdb: PdbApi::V1 },
+            images: Images::default(),
+        };
+        let children = build::build(&v, crate::meta::owner_ref(&ep), &inputs).unwrap();
+        let now = Timestamp::UNIX_EPOCH + SignedDuration::from_hours(24);
+        let facts = Facts {
+            now,
+            tls: TlsFact::Certificate {
+                secret: "patients-tls".into(),
+                info: CertInfo {
+                    not_before: Timestamp::UNIX_EPOCH,
+                    not_after: now + SignedDuration::from_hours(24),
+                    fingerprint: String::new(),
+                    dns_names: Vec::new(),
+                },
+            },
+            network_policy: None,
+            gateway_config: "patients-gateway".into(),
+            key_schedules: Vec::new(),
+            backup: BackupFact::NoPolicy,
+            database_credentials: Some(Ok(())),
+            deployment: "patients".into(),
+            database: database::applied(&children.deployment),
+            database_ca: ca_secret.map(|_| Ok(())),
+        };
+        evaluate(&v, &facts).remove(0)
+    }
+
+    #[test]
+    fn verify_full_without_a_ca_fails_and_says_what_to_set() {
+        let entry = tls_entry(None, SslMode::VerifyFull, ServerFlavor::Hapi);
+        assert_eq!((entry.status, entry.reason.as_str()), (Fail, reasons::DATABASE_CA_MISSING));
+        assert!(entry.message.contains("spec.database.caSecret"), "{}", entry.message);
+    }
+
+    #[test]
+    fn verify_full_with_the_mounted_ca_passes_with_the_applied_evidence() {
+        let entry = tls_entry(Some("patients-db-ca"), SslMode::VerifyFull, ServerFlavor::Hapi);
+        assert_eq!(entry.status, Pass, "{entry:?}");
+        assert!(
+            entry
+                .evidence
+                .contains(&"Deployment/clinical/patients:env SPRING_DATASOURCE_URL sslmode=verify-full".into())
+        );
+        assert!(entry.evidence.contains(&"Secret/clinical/patients-db-ca:ca.crt".into()));
+    }
+
+    #[test]
+    fn what_cannot_be_verified_never_passes() {
+        let entry = tls_entry(Some("ca"), SslMode::Require, ServerFlavor::Hapi);
+        assert_eq!((entry.status, entry.reason.as_str()), (Fail, reasons::DATABASE_NOT_VERIFIED));
+        let entry = tls_entry(Some("ca"), SslMode::VerifyFull, ServerFlavor::Helios);
+        assert_eq!((entry.status, entry.reason.as_str()), (Fail, reasons::DATABASE_TLS_UNSUPPORTED));
+    }
 }

@@ -94,6 +94,11 @@ pub struct GatewaySettings {
     pub listen: String,
     /// The FHIR server, e.g. `127.0.0.1:8080`.
     pub upstream: String,
+    /// Host (IPv6 in brackets) and port of the endpoint's public URL: the
+    /// FHIR server is told them in `X-Forwarded-Host` and
+    /// `X-Forwarded-Port`, whatever a client sent.
+    pub public_host: String,
+    pub public_port: u16,
     pub tls_certificate: String,
     pub tls_certificate_key: String,
     /// The API-key map file (see [`api_keys_map`]), from a Secret volume.
@@ -227,6 +232,7 @@ fn validate(s: &GatewaySettings) -> Result<(), GatewayError> {
     let invalid =
         |field, value: &str, reason| Err(GatewayError::InvalidSetting { field, value: value.to_owned(), reason });
     let addresses = [
+        ("public_host", Some(&s.public_host)),
         ("listen", Some(&s.listen)),
         ("upstream", Some(&s.upstream)),
         ("access_log_syslog", s.access_log_syslog.as_ref()),
@@ -483,9 +489,19 @@ fn render_server(c: &mut Conf, s: &GatewaySettings) {
         c.line("proxy_http_version 1.1;");
         c.line("proxy_set_header Connection \"\";");
         c.line("proxy_set_header Host $host;");
-        c.comment("The gateway is the edge: a client's own X-Forwarded-For is not passed on.");
+        c.comment(
+            "The gateway is the edge: a client's own X-Forwarded-* and Forwarded\n\
+             headers are replaced, never passed on. Host and port are the\n\
+             endpoint's public URL, as the FHIR server is also told it.",
+        );
         c.line("proxy_set_header X-Forwarded-For $remote_addr;");
-        c.line("proxy_set_header X-Forwarded-Proto $scheme;");
+        c.line("proxy_set_header X-Forwarded-Proto https;");
+        c.line(format!("proxy_set_header X-Forwarded-Host {};", s.public_host));
+        c.line(format!("proxy_set_header X-Forwarded-Port {};", s.public_port));
+        c.line("proxy_set_header X-Forwarded-Prefix \"\";");
+        c.line("proxy_set_header X-Forwarded-Server \"\";");
+        c.line("proxy_set_header X-Real-IP \"\";");
+        c.line("proxy_set_header Forwarded \"\";");
         c.line("proxy_set_header X-Request-ID $request_id;");
         c.line("proxy_set_header X-Client-ID $client_id;");
         c.comment("The FHIR server never sees API keys.");

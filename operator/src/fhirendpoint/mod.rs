@@ -4,6 +4,7 @@
 pub mod build;
 pub mod compliance;
 pub mod controller;
+pub mod database;
 pub mod gateway;
 pub mod monitoring;
 pub mod network;

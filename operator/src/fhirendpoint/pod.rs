@@ -18,9 +18,10 @@ use super::build::{
     CONFIG_HASH_ANNOTATION, Inputs, KEYS_HASH_ANNOTATION, NGINX_CONF_KEY, TLS_HASH_ANNOTATION, gateway_config_name,
     selector_labels,
 };
+use super::database::{CA_DIR, CA_KEY, CA_VOLUME, SERVER_CONTAINER};
 use super::gateway::{self, GatewaySettings, Limits};
 use super::validate::Validated;
-use crate::api::SslMode;
+use crate::api::ServerFlavor;
 use crate::keyrotation::keys::GATEWAY_MAP_ENTRY;
 use crate::meta::hash_of;
 
@@ -31,9 +32,13 @@ const CONF_DIR: &str = "/etc/fhir-gateway/conf";
 const TLS_DIR: &str = "/etc/fhir-gateway/tls";
 const KEYS_DIR: &str = "/etc/fhir-gateway/keys";
 
-/// The gateway's settings inside the pod (the paths are this module's mounts).
+/// The gateway's settings inside the pod (the paths are this module's
+/// mounts), for an endpoint whose public address is `localhost:443` (the
+/// builder sets the real one).
 pub fn gateway_settings(limits: Limits) -> GatewaySettings {
     GatewaySettings {
+        public_host: "localhost".into(),
+        public_port: 443,
         listen: gateway::HTTPS_PORT.to_string(),
         upstream: format!("127.0.0.1:{}", gateway::UPSTREAM_PORT),
         tls_certificate: format!("{TLS_DIR}/tls.crt"),
@@ -87,7 +92,7 @@ pub(crate) fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
     }
 }
 
-fn mount(name: &str, path: &str) -> VolumeMount {
+pub(crate) fn mount(name: &str, path: &str) -> VolumeMount {
     VolumeMount { name: name.into(), mount_path: path.into(), read_only: Some(true), ..Default::default() }
 }
 
@@ -129,46 +134,43 @@ fn resources(requests: &[(&str, &str)], limits: &[(&str, &str)]) -> ResourceRequ
     ResourceRequirements { requests: Some(map(requests)), limits: Some(map(limits)), ..Default::default() }
 }
 
-pub(crate) fn ssl_mode(mode: SslMode) -> &'static str {
-    match mode {
-        SslMode::Disable => "disable",
-        SslMode::Require => "require",
-        SslMode::VerifyCa => "verify-ca",
-        SslMode::VerifyFull => "verify-full",
-    }
-}
-
 fn fhir_server(v: &Validated<'_>) -> (Container, Vec<Volume>) {
     let spec = &v.endpoint.spec;
-    let version = serde_json::to_value(spec.server.fhir_version).ok().and_then(|j| j.as_str().map(str::to_owned));
-    let mut vars = vec![
-        env("HAPI_FHIR_FHIR_VERSION", version.unwrap_or_else(|| "R4".into())),
-        env("JAVA_TOOL_OPTIONS", "-Djava.io.tmpdir=/tmp -XX:MaxRAMPercentage=75"),
-    ];
     let mut mounts = vec![writable("server-tmp", "/tmp")];
     let mut volumes = vec![empty_dir("server-tmp")];
-    match &spec.database {
-        Some(db) => vars.extend([
-            env(
-                "SPRING_DATASOURCE_URL",
-                format!("jdbc:postgresql://{}:{}/{}?sslmode={}", db.host, db.port, db.name, ssl_mode(db.ssl_mode)),
-            ),
-            secret_env("SPRING_DATASOURCE_USERNAME", &db.credentials_secret, "username"),
-            secret_env("SPRING_DATASOURCE_PASSWORD", &db.credentials_secret, "password"),
-            env("SPRING_DATASOURCE_DRIVERCLASSNAME", "org.postgresql.Driver"),
-            env("SPRING_JPA_PROPERTIES_HIBERNATE_DIALECT", "ca.uhn.fhir.jpa.model.dialect.HapiFhirPostgresDialect"),
-        ]),
+    let mut vars = match v.flavor {
+        ServerFlavor::Hapi => hapi_env(v),
+        ServerFlavor::Helios => helios_env(v),
+    };
+    match &v.database {
+        Some(db) => {
+            if let Some(ca) = &db.ca_secret {
+                mounts.push(mount(CA_VOLUME, CA_DIR));
+                volumes.push(ca_volume(ca));
+            }
+        }
         None => {
             // The embedded database writes under the working directory; on
             // an emptyDir its data lives only as long as the pod (status
             // reports it as not production-ready).
-            mounts.push(writable("embedded-database", "/app/target"));
+            let dir = match v.flavor {
+                ServerFlavor::Hapi => "/app/target",
+                ServerFlavor::Helios => HFS_EMBEDDED_DIR,
+            };
+            mounts.push(writable("embedded-database", dir));
             volumes.push(empty_dir("embedded-database"));
         }
     }
     vars.extend(spec.server.env.iter().cloned());
+    let metadata = format!("{}/metadata", v.flavor.base_path());
+    // A JVM server takes a while to start: the startup probe allows up to
+    // 5 minutes before liveness counts.
+    let startup_delay = match v.flavor {
+        ServerFlavor::Hapi => 20,
+        ServerFlavor::Helios => 1,
+    };
     let container = Container {
-        name: "fhir-server".into(),
+        name: SERVER_CONTAINER.into(),
         image: Some(spec.server.image.clone()),
         ports: Some(vec![port("fhir", gateway::UPSTREAM_PORT)]),
         env: Some(vars),
@@ -178,16 +180,86 @@ fn fhir_server(v: &Validated<'_>) -> (Container, Vec<Volume>) {
                 .clone()
                 .unwrap_or_else(|| resources(&[("cpu", "500m"), ("memory", "1Gi")], &[("memory", "2Gi")])),
         ),
-        // A JVM server takes a while to start: the startup probe allows up
-        // to 5 minutes before liveness counts.
-        startup_probe: Some(http_probe("/fhir/metadata", "fhir", "HTTP", 20, 28)),
-        readiness_probe: Some(http_probe("/fhir/metadata", "fhir", "HTTP", 0, 3)),
-        liveness_probe: Some(http_probe("/fhir/metadata", "fhir", "HTTP", 0, 6)),
+        startup_probe: Some(http_probe(&metadata, "fhir", "HTTP", startup_delay, 28)),
+        readiness_probe: Some(http_probe(&metadata, "fhir", "HTTP", 0, 3)),
+        liveness_probe: Some(http_probe(&metadata, "fhir", "HTTP", 0, 6)),
         security_context: Some(restricted_container()),
         volume_mounts: Some(mounts),
         ..Default::default()
     };
     (container, volumes)
+}
+
+/// Where hfs keeps its embedded (SQLite) database.
+const HFS_EMBEDDED_DIR: &str = "/var/lib/hfs";
+
+/// HAPI FHIR JPA server: Spring's relaxed binding of environment variables.
+fn hapi_env(v: &Validated<'_>) -> Vec<EnvVar> {
+    let version =
+        serde_json::to_value(v.endpoint.spec.server.fhir_version).ok().and_then(|j| j.as_str().map(str::to_owned));
+    let mut vars = vec![
+        env("HAPI_FHIR_FHIR_VERSION", version.unwrap_or_else(|| "R4".into())),
+        // HAPI writes absolute URLs (Location, Bundle links) from this,
+        // not from the request it sees behind the gateway.
+        env("HAPI_FHIR_SERVER_ADDRESS", &v.public_url),
+        env("JAVA_TOOL_OPTIONS", "-Djava.io.tmpdir=/tmp -XX:MaxRAMPercentage=75"),
+    ];
+    if let Some(db) = &v.database {
+        vars.extend([
+            env("SPRING_DATASOURCE_URL", &db.jdbc_url),
+            secret_env("SPRING_DATASOURCE_USERNAME", &db.credentials_secret, "username"),
+            secret_env("SPRING_DATASOURCE_PASSWORD", &db.credentials_secret, "password"),
+            env("SPRING_DATASOURCE_DRIVERCLASSNAME", "org.postgresql.Driver"),
+            env("SPRING_JPA_PROPERTIES_HIBERNATE_DIALECT", "ca.uhn.fhir.jpa.model.dialect.HapiFhirPostgresDialect"),
+        ]);
+    }
+    vars
+}
+
+/// The Helios FHIR Server (hfs). Its PostgreSQL settings go as separate
+/// variables, not as `HFS_DATABASE_URL`: hfs 0.2.7 splits that URL as
+/// plain text (no percent-decoding, the query dropped, no IPv6) and would
+/// need the password inside it; `HFS_PG_*` take each value verbatim and the
+/// credentials straight from the Secret.
+fn helios_env(v: &Validated<'_>) -> Vec<EnvVar> {
+    let mut vars = vec![
+        env("HFS_BASE_URL", &v.public_url),
+        env("HFS_SERVER_HOST", "0.0.0.0"),
+        env("HFS_SERVER_PORT", gateway::UPSTREAM_PORT.to_string()),
+        env("HFS_DEFAULT_FHIR_VERSION", "R4"),
+        env("HFS_UI_ENABLED", "false"),
+        env("HFS_NL_SEARCH_ENABLED", "false"),
+        env("HFS_SEED_CONFORMANCE", "false"),
+    ];
+    match &v.database {
+        Some(db) => vars.extend([
+            env("HFS_STORAGE_BACKEND", "postgres"),
+            env("HFS_PG_HOST", &db.target.host),
+            env("HFS_PG_PORT", db.target.port.to_string()),
+            env("HFS_PG_DBNAME", &db.target.database),
+            secret_env("HFS_PG_USER", &db.credentials_secret, "username"),
+            secret_env("HFS_PG_PASSWORD", &db.credentials_secret, "password"),
+        ]),
+        None => vars.extend([
+            env("HFS_STORAGE_BACKEND", "sqlite"),
+            env("HFS_DATABASE_URL", format!("{HFS_EMBEDDED_DIR}/fhir.db")),
+        ]),
+    }
+    vars
+}
+
+/// `spec.database.caSecret`'s `ca.crt` only, read-only, group-readable.
+pub(crate) fn ca_volume(secret: &str) -> Volume {
+    Volume {
+        name: CA_VOLUME.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            default_mode: Some(SECRET_MODE),
+            items: Some(vec![KeyToPath { key: CA_KEY.into(), path: CA_KEY.into(), mode: None }]),
+            optional: Some(false),
+        }),
+        ..Default::default()
+    }
 }
 
 fn gateway_container(image: &str, inputs: &Inputs) -> Container {
@@ -228,7 +300,7 @@ fn key_volume(schedule: &str) -> String {
 }
 
 /// Files from Secrets are readable by the pod's group only.
-const SECRET_MODE: i32 = 0o440;
+pub(crate) const SECRET_MODE: i32 = 0o440;
 
 /// The endpoint's Deployment.
 pub fn deployment(v: &Validated<'_>, metadata: ObjectMeta, inputs: &Inputs, config_hash: &str) -> Deployment {

@@ -18,12 +18,13 @@ use tracing::{info, instrument, warn};
 
 use super::build::{self, Children, Images, Inputs, KeySource};
 use super::compliance::{self, BackupFact, Facts, KeyScheduleFact, TlsFact};
+use super::database::{self, CA_KEY};
 use super::monitoring::{PrometheusRule, ServiceMonitor};
 use super::validate::{InvalidSpec, Validated, validate};
 use super::{network, tls};
 use crate::api::{
     BackupOutcome, BackupPolicy, FhirEndpoint, FhirEndpointStatus, KeyAlgorithm, KeyRotationSchedule,
-    KeyVersionsInForce, RateLimitTier, condition, reason,
+    KeyVersionsInForce, RateLimitTier, SslMode, condition, reason,
 };
 use crate::apply::{Applier, ChildKind, WriteReason, apply_status, publish_event};
 use crate::conditions::{self, Clock, Desired};
@@ -174,7 +175,23 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
         TlsFact::Certificate { info, .. } => info.fingerprint.clone(),
         TlsFact::Unusable { .. } => String::new(),
     };
-    let database_credentials = database_credentials(&v, ctx).await?;
+    let database_credentials = match &v.database {
+        Some(db) => Some(
+            secret_has_keys(
+                ctx,
+                &v.namespace,
+                &db.credentials_secret,
+                "spec.database.credentialsSecret",
+                &["username", "password"],
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let database_ca = match v.database.as_ref().and_then(|db| db.ca_secret.as_ref()) {
+        Some(ca) => Some(secret_has_keys(ctx, &v.namespace, ca, "spec.database.caSecret", &[CA_KEY]).await?),
+        None => None,
+    };
 
     // Build, apply.
     let inputs = Inputs { tier, keys, tls_secret, tls_fingerprint, capabilities, images: ctx.images.clone() };
@@ -199,6 +216,9 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
         key_schedules: key_facts,
         backup: backup.clone(),
         database_credentials,
+        deployment: applied.deployment.name_any(),
+        database: applied.database.clone(),
+        database_ca,
     };
     let compliance = compliance::evaluate(&v, &facts);
     let mut status = ep.status.clone().unwrap_or_default();
@@ -245,7 +265,7 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
         Desired::new(condition::PROGRESSING, true, reasons::ROLLING_OUT, "waiting for the Deployment's replicas")
     };
     conditions::set(&mut status.conditions, progressing, generation, now);
-    let degraded = degraded(&v, capabilities);
+    let degraded = degraded(&v, &facts, capabilities);
     conditions::set(&mut status.conditions, degraded, generation, now);
     write_status(ep, ctx, status).await?;
 
@@ -261,8 +281,33 @@ fn until(now: Timestamp, at: Timestamp) -> Duration {
     Duration::from_secs(wait.min(24 * 3600))
 }
 
-fn degraded(v: &Validated<'_>, caps: Capabilities) -> Desired<'static> {
+fn degraded(v: &Validated<'_>, facts: &Facts, caps: Capabilities) -> Desired<'static> {
     let spec = &v.endpoint.spec;
+    // The database connection as applied: what the tls entry says, said
+    // again where a dashboard looks first.
+    if let Some(applied) = &facts.database {
+        let verify = matches!(applied.target.ssl_mode.as_str(), "verify-full" | "verify-ca");
+        if !applied.tls_capable && spec.database.as_ref().is_some_and(|d| d.ssl_mode != SslMode::Disable) {
+            return Desired::new(
+                condition::DEGRADED,
+                true,
+                compliance::reasons::DATABASE_TLS_UNSUPPORTED,
+                "flavor helios (hfs 0.2.7) connects to PostgreSQL without TLS: spec.database.sslMode is not honoured",
+            );
+        }
+        if verify && applied.ca.is_none() {
+            return Desired::new(
+                condition::DEGRADED,
+                true,
+                compliance::reasons::DATABASE_CA_MISSING,
+                "spec.database.sslMode verifies the server but no CA is given: the FHIR server cannot connect. \
+                 Set spec.database.caSecret to a Secret with key ca.crt",
+            );
+        }
+        if let Some(Err(reason)) = &facts.database_ca {
+            return Desired::new(condition::DEGRADED, true, compliance::reasons::DATABASE_CA_UNUSABLE, reason.clone());
+        }
+    }
     if spec.monitoring.enabled && !caps.monitoring {
         return Desired::new(
             condition::DEGRADED,
@@ -504,33 +549,40 @@ async fn certificate(
     Ok((name.clone(), TlsFact::Certificate { secret: name, info }, Some(renew)))
 }
 
-async fn database_credentials(v: &Validated<'_>, ctx: &Context) -> Result<Option<Result<(), String>>, Error> {
-    let Some(db) = &v.endpoint.spec.database else { return Ok(None) };
-    let api: Api<Secret> = Api::namespaced(ctx.applier.client().clone(), &v.namespace);
-    let secret = api
-        .get_opt(&db.credentials_secret)
-        .await
-        .map_err(|source| Error::Dereference { what: format!("Secret {}", db.credentials_secret), source })?;
-    // Only key names are looked at; values are never read into a message.
-    Ok(Some(match secret {
-        None => Err(format!("Secret {:?} (spec.database.credentialsSecret) does not exist", db.credentials_secret)),
+/// Whether Secret `name` exists with every one of `keys` (Err says what is
+/// wrong, naming `field`). Only key names are looked at; values are never
+/// read into a message.
+async fn secret_has_keys(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    field: &str,
+    keys: &[&str],
+) -> Result<Result<(), String>, Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.applier.client().clone(), namespace);
+    let secret =
+        api.get_opt(name).await.map_err(|source| Error::Dereference { what: format!("Secret {name}"), source })?;
+    Ok(match secret {
+        None => Err(format!("Secret {name:?} ({field}) does not exist")),
         Some(s) => {
             let has = |k: &str| {
                 s.data.as_ref().is_some_and(|d| d.contains_key(k))
                     || s.string_data.as_ref().is_some_and(|d| d.contains_key(k))
             };
-            match ["username", "password"].into_iter().find(|k| !has(k)) {
-                Some(missing) => Err(format!("Secret {:?} has no key {missing:?}", db.credentials_secret)),
+            match keys.iter().find(|k| !has(k)) {
+                Some(missing) => Err(format!("Secret {name:?} ({field}) has no key {missing:?}")),
                 None => Ok(()),
             }
         }
-    }))
+    })
 }
 
 /// What `apply` leaves for the status step.
 struct AppliedChildren {
     deployment: Deployment,
     network_policy: String,
+    /// The FHIR server's database connection in the applied Deployment.
+    database: Option<database::Applied>,
 }
 
 async fn ensure<K: ChildKind>(
@@ -604,6 +656,10 @@ async fn apply(
     let np_name = network_policy.name_any();
     ensure(ctx, ep, &c.network_policies, network_policy, written).await?;
     ensure(ctx, ep, &c.services, service, written).await?;
+    // Read from the object sent: once `ensure` returns, the API server holds
+    // exactly it (written now, or found carrying its hash and unchanged since
+    // the operator's last write). The cache keeps no Deployment spec to read.
+    let database = database::applied(&deployment);
     let deployment = ensure(ctx, ep, &c.deployments, deployment, written).await?;
 
     let (ns, name) = (v.namespace.as_str(), v.name.as_str());
@@ -633,7 +689,7 @@ async fn apply(
         let reason = if created { reasons::CREATED } else { reasons::UPDATED };
         publish(ctx, ep, EventType::Normal, reason, written.join(", ")).await;
     }
-    Ok(AppliedChildren { deployment, network_policy: np_name })
+    Ok(AppliedChildren { deployment, network_policy: np_name, database })
 }
 
 /// Writes the status if it differs from what the API server holds.
