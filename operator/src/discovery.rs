@@ -60,22 +60,28 @@ async fn serves(client: &Client, group_version: &str, plurals: &[&str]) -> Resul
 /// fields are those of `policy/v1` that the operator sets.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PodDisruptionBudgetV1beta1 {
-    #[serde(rename = "apiVersion")]
+    /// Defaulted: the items of a list response carry no `apiVersion` or
+    /// `kind` (a relist with a PDB in the cluster failed on them).
+    #[serde(rename = "apiVersion", default = "v1beta1_api_version")]
     pub api_version: String,
+    #[serde(default = "pdb_kind")]
     pub kind: String,
     pub metadata: ObjectMeta,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec: Option<PodDisruptionBudgetSpec>,
 }
 
+fn v1beta1_api_version() -> String {
+    "policy/v1beta1".into()
+}
+
+fn pdb_kind() -> String {
+    "PodDisruptionBudget".into()
+}
+
 impl From<PodDisruptionBudget> for PodDisruptionBudgetV1beta1 {
     fn from(pdb: PodDisruptionBudget) -> Self {
-        Self {
-            api_version: "policy/v1beta1".into(),
-            kind: "PodDisruptionBudget".into(),
-            metadata: pdb.metadata,
-            spec: pdb.spec,
-        }
+        Self { api_version: v1beta1_api_version(), kind: pdb_kind(), metadata: pdb.metadata, spec: pdb.spec }
     }
 }
 
@@ -100,5 +106,22 @@ impl Resource for PodDisruptionBudgetV1beta1 {
     }
     fn meta_mut(&mut self) -> &mut ObjectMeta {
         &mut self.metadata
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_v1beta1_pdb_list_parses_though_its_items_carry_no_api_version() {
+        let list = serde_json::json!({
+            "kind": "PodDisruptionBudgetList", "apiVersion": "policy/v1beta1", "metadata": {"resourceVersion": "7"},
+            "items": [{"metadata": {"name": "patients", "namespace": "clinical"}, "spec": {"maxUnavailable": 1}}],
+        });
+        let list: kube::core::ObjectList<PodDisruptionBudgetV1beta1> = serde_json::from_value(list).unwrap();
+        assert_eq!(list.items[0].api_version, "policy/v1beta1");
+        assert_eq!(list.items[0].kind, "PodDisruptionBudget");
+        assert_eq!(list.items[0].metadata.name.as_deref(), Some("patients"));
     }
 }
