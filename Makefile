@@ -10,9 +10,10 @@ DEMO_NAMESPACE ?= fhir-demo
 
 # nextest runs each test in its own process; every e2e test process starts
 # its own control plane (about 5 s) unless USE_EXISTING_CLUSTER=true.
-TEST_RUNNER := $(if $(shell command -v cargo-nextest),cargo nextest run --no-fail-fast,cargo test --no-fail-fast)
+# `deps` (e2e/install.sh) installs it, with everything else the tests need.
+TEST_RUNNER := cargo nextest run --no-fail-fast
 
-.PHONY: help test unit e2e lint crds chart cluster cluster-down demo build bench
+.PHONY: help deps test unit e2e lint crds chart cluster cluster-down demo build bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -20,14 +21,17 @@ help: ## list the targets
 build: ## build the operator
 	cargo build -p fhir-operator
 
-test: k8s-binaries ## every test: unit, offline schema, and e2e against a real kube-apiserver
+deps: ## install what the tests need, once (Debian packages, cargo-nextest, Kubernetes, Python tools, S3 server)
+	@bash e2e/install.sh
+
+test: deps ## every test: unit, offline schema, and e2e against a real kube-apiserver
 	$(TEST_RUNNER) --workspace
 
-unit: ## tests that need no API server
+unit: deps ## tests that need no API server
 	$(TEST_RUNNER) -p fhir-operator
 	$(TEST_RUNNER) -p fhir-operator-e2e --test offline_schema
 
-e2e: k8s-binaries ## tests against a real kube-apiserver (and the harness itself)
+e2e: deps ## tests against a real kube-apiserver (and the harness itself)
 	$(TEST_RUNNER) -p fhir-operator-e2e
 
 k8s-binaries:
@@ -37,7 +41,7 @@ bench: k8s-binaries ## FhirEndpoint convergence vs a no-controller baseline (100
 	cargo build --release -p fhir-operator -p fhir-operator-e2e --bins
 	$(CARGO_TARGET_DIR)/release/bench --endpoints $(or $(BENCH_ENDPOINTS),100,1000)
 
-lint: ## rustfmt and clippy, warnings are errors
+lint: deps ## rustfmt and clippy, warnings are errors
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
