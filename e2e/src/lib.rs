@@ -11,6 +11,7 @@ pub mod control_plane;
 pub mod examples;
 pub mod fault_proxy;
 pub mod helm;
+pub mod hfs;
 pub mod operator;
 pub mod postgres;
 pub mod s3;

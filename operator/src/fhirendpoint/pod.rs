@@ -221,6 +221,15 @@ fn hapi_env(v: &Validated<'_>) -> Vec<EnvVar> {
 /// plain text (no percent-decoding, the query dropped, no IPv6) and would
 /// need the password inside it; `HFS_PG_*` take each value verbatim and the
 /// credentials straight from the Secret.
+///
+/// Verified against the real hfs 0.2.7 binary by e2e/tests/fhir_server.rs:
+/// with exactly this environment it uses PostgreSQL through
+/// `HFS_PG_HOST/PORT/DBNAME/USER/PASSWORD` (a password with `@ : / ? # %`
+/// and quotes, checked by the server), listens on
+/// `HFS_SERVER_HOST:HFS_SERVER_PORT` and writes every absolute URL
+/// (Location, Bundle links) from `HFS_BASE_URL`, ignoring X-Forwarded-*.
+/// It reads its search parameters from `./data/search-parameters-r4.json`
+/// of its working directory, which the image must provide.
 fn helios_env(v: &Validated<'_>) -> Vec<EnvVar> {
     let mut vars = vec![
         env("HFS_BASE_URL", &v.public_url),
