@@ -280,6 +280,17 @@ pub async fn drive<T, E: std::fmt::Display>(
     }
 }
 
+/// An API of a namespaced kind in one namespace, or in all.
+pub(crate) fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
 /// What the operator last wrote to one child.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Written {

@@ -29,13 +29,12 @@ use super::plan::{self, JobState, JobView, Observed, RunKind, Settings, Step};
 use crate::api::{
     BackupOutcome, BackupPolicy, BackupPolicyStatus, FhirEndpoint, KeyAlgorithm, KeyRotationSchedule, condition, reason,
 };
-use crate::apply::{NoSharedBackoff, apply_status, drive, publish_event, watch_children, watch_related};
+use crate::apply::{NoSharedBackoff, api, apply_status, drive, publish_event, watch_children, watch_related};
 use crate::conditions::{self, Clock, Desired};
-use crate::fhirendpoint::controller::api;
 use crate::fhirendpoint::validate::InvalidSpec;
 use crate::health::Watches;
-use crate::keyrotation::controller::secret_name;
 use crate::keyrotation::schedule;
+use crate::keyrotation::secret::secret_name;
 use crate::meta::owner_ref;
 use crate::metrics::{BackupLabels, RunLabels, SharedMetrics};
 

@@ -16,14 +16,14 @@ use kube::api::Api;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 use tracing::{info, warn};
 
 use super::build::Images;
 use super::monitoring::{PrometheusRule, ServiceMonitor};
 use super::reconcile::{self, Caches, Context};
 use crate::api::{BackupPolicy, FhirEndpoint, KeyRotationSchedule, RateLimitTier};
-use crate::apply::{Applier, ChildKind, NoSharedBackoff, generation_version, watch_children, watch_related};
+use crate::apply::{Applier, ChildKind, NoSharedBackoff, api, generation_version, watch_children, watch_related};
 use crate::conditions::Clock;
 use crate::discovery::{self, Capabilities, PdbApi, PodDisruptionBudgetV1beta1};
 use crate::health::Watches;
@@ -82,17 +82,6 @@ pub struct Shared {
     pub capabilities: Arc<RwLock<Capabilities>>,
     /// Every watch's health (`/healthz`, `/readyz`).
     pub watches: Watches,
-}
-
-/// An API of a namespaced kind in one namespace, or in all.
-pub(crate) fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
 }
 
 /// Endpoints (in `store`) whose spec names `matches`.

@@ -429,7 +429,7 @@ fn key_sources(
         let fingerprint = rotation::fingerprint(&status);
         sources.push(KeySource {
             schedule: name.clone(),
-            secret_name: keyrotation::controller::secret_name(&krs),
+            secret_name: keyrotation::secret::secret_name(&krs),
             versions_fingerprint: fingerprint.clone(),
         });
         let ready = status.conditions.iter().find(|c| c.type_ == condition::READY).map(|c| c.status == "True");

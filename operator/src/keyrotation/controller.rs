@@ -18,16 +18,16 @@ use tracing::{info, instrument, warn};
 
 use super::keys::{self, KeyError};
 use super::rotation::{self, Observed, ROTATE_ANNOTATION};
+use super::secret::{jwks_name, secret_name};
 use super::{schedule, secret};
 use crate::api::{
     BackupPolicy, FhirEndpoint, KeyAlgorithm, KeyRotationSchedule, KeyRotationScheduleStatus, KeyVersionState,
     ObjectRef as StatusRef, RotationPhase, condition, reason,
 };
 use crate::apply::{
-    Applier, ChildKind, NoSharedBackoff, apply_status, drive, publish_event, watch_children, watch_related,
+    Applier, ChildKind, NoSharedBackoff, api, apply_status, drive, publish_event, watch_children, watch_related,
 };
 use crate::conditions::{self, Clock, Desired};
-use crate::fhirendpoint::controller::api;
 use crate::fhirendpoint::validate::InvalidSpec;
 use crate::health::Watches;
 use crate::meta::{MANAGED_BY, MANAGED_BY_LABEL, child_meta, owner_ref};
@@ -48,16 +48,6 @@ pub mod reasons {
     pub const IDLE: &str = "Idle";
     pub const WAITING_FOR_CONSUMERS: &str = "WaitingForConsumers";
     pub const GRACE_PERIOD: &str = "GracePeriod";
-}
-
-/// The Secret holding the schedule's keys.
-pub fn secret_name(krs: &KeyRotationSchedule) -> String {
-    krs.spec.secret_name.clone().unwrap_or_else(|| format!("{}-keys", krs.name_any()))
-}
-
-/// The ConfigMap publishing an `ecdsa-p256` schedule's public keys.
-pub fn jwks_name(schedule: &str) -> String {
-    format!("{schedule}-jwks")
 }
 
 /// Shared by every reconcile of one scope.

@@ -10,13 +10,25 @@ use k8s_openapi::ByteString;
 
 use super::keys::{self, GATEWAY_MAP_ENTRY, KeyError};
 use super::rotation::{self, Plan};
-use crate::api::KeyAlgorithm;
+use crate::api::{KeyAlgorithm, KeyRotationSchedule};
+use kube::ResourceExt;
 
 /// The Secret's data and, for `ecdsa-p256`, the JWKS document.
 #[derive(Debug)]
 pub struct Composed {
     pub data: BTreeMap<String, ByteString>,
     pub jwks: Option<String>,
+}
+
+/// The Secret holding the schedule's keys.
+/// (Named here, the pure module, so that every controller can name it.)
+pub fn secret_name(krs: &KeyRotationSchedule) -> String {
+    krs.spec.secret_name.clone().unwrap_or_else(|| format!("{}-keys", krs.name_any()))
+}
+
+/// The ConfigMap publishing an `ecdsa-p256` schedule's public keys.
+pub fn jwks_name(schedule: &str) -> String {
+    format!("{schedule}-jwks")
 }
 
 /// Composes the Secret from what it holds now (`live`) and the plan.
