@@ -13,7 +13,9 @@ use crate::api::{FhirEndpoint, KeyAlgorithm, KeyRotationSchedule, RateLimitTier}
 use crate::discovery::{Capabilities, PdbApi, PodDisruptionBudgetV1beta1};
 use crate::fhirendpoint::build::{self, Children, Images, Inputs, KeySource};
 use crate::fhirendpoint::validate::validate;
-use crate::meta::{hash_of, owner_ref};
+use crate::keyrotation::rotation;
+use crate::keyrotation::secret::secret_name;
+use crate::meta::owner_ref;
 
 /// Arguments of `fhir-operator render`.
 #[derive(clap::Args, Debug, Clone)]
@@ -203,17 +205,18 @@ fn render_documents(docs: &[Document], args: &RenderArgs) -> Result<String, Rend
                         k.spec.algorithm
                     )));
                 }
+                // The versions in force as the schedule's status says, as
+                // the operator computes them: none for a schedule from Git
+                // (no status yet), the cluster's for one exported from it.
                 Some(k) => keys.push(KeySource {
                     schedule: name.clone(),
-                    secret_name: k.spec.secret_name.clone().unwrap_or_else(|| format!("{name}-keys")),
-                    // Offline there are no versions yet: the set of
-                    // versions in force is what the cluster decides.
-                    versions_fingerprint: hash_of(&Vec::<i64>::new()),
+                    secret_name: secret_name(k),
+                    versions_fingerprint: rotation::fingerprint(&k.status.clone().unwrap_or_default()),
                 }),
                 None if args.allow_missing => keys.push(KeySource {
                     schedule: name.clone(),
                     secret_name: format!("{name}-keys"),
-                    versions_fingerprint: hash_of(&Vec::<i64>::new()),
+                    versions_fingerprint: rotation::fingerprint(&Default::default()),
                 }),
                 None => {
                     return Err(fail(format!(
