@@ -39,7 +39,9 @@ pub fn owner_ref<K: Resource<DynamicType = ()>>(owner: &K) -> OwnerReference {
         name: owner.name_any(),
         uid: owner.uid().unwrap_or_default(),
         controller: Some(true),
-        block_owner_deletion: Some(true),
+        // As kube's `controller_owner_ref` for an object from the cluster:
+        // `render` (objects from Git have no uid) shows what is applied.
+        block_owner_deletion: None,
     })
 }
 
