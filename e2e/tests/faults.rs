@@ -17,12 +17,13 @@ use fhir_operator::api::FhirEndpoint;
 use fhir_operator_e2e::control_plane::{ControlPlane, Lifetime};
 use fhir_operator_e2e::fault_proxy::FaultProxy;
 use fhir_operator_e2e::operator::{Operator, grant_rbac};
-use fhir_operator_e2e::{client_for, install_crds, namespace, wait_for};
+use fhir_operator_e2e::{client_for, install_crds, namespace, stand_in_kubelet, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use serde::Deserialize;
 use serde_json::json;
 
 /// How long after the API server serves again every change must be
@@ -243,4 +244,366 @@ async fn a_network_blackhole_fails_healthz_after_the_limit_and_the_operator_reco
     })
     .await
     .unwrap();
+}
+
+/// A seeded generator for the chaos loop (xorshift64*): the seed is printed,
+/// and `CHAOS_SEED` replays a run.
+struct Random(u64);
+
+impl Random {
+    fn new() -> Self {
+        let seed = std::env::var("CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64
+        });
+        println!("chaos: seed {seed} (CHAOS_SEED={seed} replays it)");
+        Self(seed | 1)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+
+    fn secs(&mut self, from: u64, to: u64) -> Duration {
+        Duration::from_millis(from * 1000 + self.below((to - from) * 1000))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    ApiServer,
+    Etcd,
+    Blackhole,
+    DropConnections,
+    KillOperator,
+}
+
+/// Ten rounds or more, each one fault at random (the API server or etcd
+/// killed and started again, the network blackholed or cut, the operator
+/// killed with -9) while endpoints, a tier, key schedules and a backup
+/// policy are created, edited and deleted. At the end every endpoint's
+/// children equal what `fhir-operator render` gives for it, no backup slot
+/// has two Jobs, and the key schedule's versions are consecutive, each
+/// generated once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_loop_ends_with_children_as_rendered_and_no_duplicate_slot_or_key_version() {
+    let origin = k8s_openapi::jiff::Timestamp::now().to_string();
+    let args = [
+        "--watch-stall-limit=10s".to_owned(),
+        "--backup-clock-rate=60".into(),
+        format!("--backup-clock-origin={origin}"),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut env = Faulty::start("chaos", &args).await;
+    let mut random = Random::new();
+    let ns = env.ns.clone();
+    // Pods become ready (there is no kubelet), so rollouts finish and key
+    // rotations, which wait for their consumers to roll, go on.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let kubelet = stand_in_kubelet(env.client.clone(), ns.clone(), stop.clone());
+    let tier = format!("{ns}-gold");
+    let apply = |object: serde_json::Value| {
+        let client = env.client.clone();
+        let ns = ns.clone();
+        async move {
+            let kind = object["kind"].as_str().unwrap_or_default().to_owned();
+            let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+            retry(|| {
+                let (client, ns, object, kind, name) =
+                    (client.clone(), ns.clone(), object.clone(), kind.clone(), name.clone());
+                async move {
+                    dynamic(&client, &ns, &kind)
+                        .patch(&name, &PatchParams::apply("e2e").force(), &Patch::Apply(&object))
+                        .await
+                        .map(|_| ())
+                        .map_err(Into::into)
+                }
+            })
+            .await;
+        }
+    };
+    let credentials = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db-credentials"},
+                             "stringData": {"username": "fhir", "password": "chaos"}});
+    apply(credentials).await;
+    let tier_spec = |rps: u64| {
+        json!({"apiVersion": "fhiroperator.io/v1alpha1", "kind": "RateLimitTier",
+                                      "metadata": {"name": tier}, "spec": {"requestsPerSecond": rps, "burst": 10}})
+    };
+    apply(tier_spec(50)).await;
+    let api_keys = |clients: &[&str]| {
+        json!({"apiVersion": "fhiroperator.io/v1alpha1", "kind": "KeyRotationSchedule",
+        "metadata": {"name": "api-keys"},
+        "spec": {"algorithm": "api-key", "clients": clients, "interval": "6s", "gracePeriod": "2s"}})
+    };
+    apply(api_keys(&["a", "b"])).await;
+    apply(json!({"apiVersion": "fhiroperator.io/v1alpha1", "kind": "KeyRotationSchedule", "metadata": {"name": "backup-key"},
+                 "spec": {"algorithm": "aes-256", "interval": "90d", "gracePeriod": "720h"}}))
+    .await;
+    let endpoint = |name: &str, replicas: u64| {
+        json!({"apiVersion": "fhiroperator.io/v1alpha1", "kind": "FhirEndpoint",
+        "metadata": {"name": name},
+        "spec": {"server": {"replicas": replicas}, "rateLimit": {"tier": tier}, "auth": {"apiKeys": ["api-keys"]},
+                 "database": {"host": "db.clinical.svc", "name": "fhir", "credentialsSecret": "db-credentials"}}})
+    };
+    apply(endpoint("db", 1)).await;
+    // Every five seconds of real time (a five-minute cron at 60 times speed).
+    let policy = |schedule: &str| {
+        json!({"apiVersion": "fhiroperator.io/v1alpha1", "kind": "BackupPolicy",
+        "metadata": {"name": "nightly"},
+        "spec": {"endpoint": "db", "schedule": schedule,
+                 "destination": {"persistentVolumeClaim": {"claimName": "fhir-backups"}},
+                 "encryption": {"keySchedule": "backup-key"}}})
+    };
+    apply(policy("*/5 * * * *")).await;
+
+    let mut endpoints: Vec<String> = vec!["db".into()];
+    let mut next = 0;
+    let rounds = 10;
+    for round in 1..=rounds {
+        // One to three changes before the fault.
+        let mut changes = Vec::new();
+        for _ in 0..=random.below(3) {
+            match random.below(6) {
+                0 | 1 => {
+                    next += 1;
+                    let name = format!("e{next}");
+                    apply(endpoint(&name, 1 + random.below(2))).await;
+                    changes.push(format!("create {name}"));
+                    endpoints.push(name);
+                }
+                2 => {
+                    let name = endpoints[random.below(endpoints.len() as u64) as usize].clone();
+                    apply(endpoint(&name, 1 + random.below(3))).await;
+                    changes.push(format!("edit {name}"));
+                }
+                3 if endpoints.len() > 1 => {
+                    let name = endpoints.remove(1 + random.below(endpoints.len() as u64 - 1) as usize);
+                    let api: Api<FhirEndpoint> = Api::namespaced(env.client.clone(), &ns);
+                    retry(|| async {
+                        api.delete(&name, &DeleteParams::default()).await.map(|_| ()).map_err(Into::into)
+                    })
+                    .await;
+                    changes.push(format!("delete {name}"));
+                }
+                4 => {
+                    let rps = 10 + random.below(200);
+                    apply(tier_spec(rps)).await;
+                    changes.push(format!("tier {rps}/s"));
+                }
+                _ => {
+                    let clients: &[&str] = if random.below(2) == 0 { &["a", "b"] } else { &["a", "b", "c"] };
+                    apply(api_keys(clients)).await;
+                    apply(policy(if random.below(2) == 0 { "*/5 * * * *" } else { "*/7 * * * *" })).await;
+                    changes.push(format!("key clients {clients:?}, backup schedule"));
+                }
+            }
+        }
+        let fault = [Fault::ApiServer, Fault::Etcd, Fault::Blackhole, Fault::DropConnections, Fault::KillOperator]
+            [random.below(5) as usize];
+        let outage = random.secs(3, 8);
+        println!("chaos round {round}/{rounds}: {changes:?}, then {fault:?} for {:.1} s", outage.as_secs_f64());
+        match fault {
+            Fault::ApiServer | Fault::Etcd => {
+                let name = if matches!(fault, Fault::ApiServer) { "kube-apiserver" } else { "etcd" };
+                env.plane.kill(name).expect("kill -9");
+                tokio::time::sleep(outage).await;
+                tokio::task::block_in_place(|| env.plane.start_again(name)).expect("started again");
+            }
+            Fault::Blackhole => {
+                env.proxy.blackhole();
+                env.proxy.drop_connections();
+                tokio::time::sleep(outage).await;
+                env.proxy.heal();
+            }
+            Fault::DropConnections => env.proxy.drop_connections(),
+            Fault::KillOperator => {
+                env.operator.kill9();
+                tokio::time::sleep(outage).await;
+                let kubeconfig = env._dir.path().join("operator-via-proxy.kubeconfig");
+                env.operator = Operator::start(&kubeconfig, &args).expect("operator started again");
+            }
+        }
+        tokio::time::sleep(random.secs(1, 4)).await;
+    }
+
+    // Every endpoint's children as `render` gives them.
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < Duration::from_secs(90) {
+        last = rendered_differences(&env.client, &ns).await;
+        if last.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(last.is_empty(), "children differ from `fhir-operator render` 90 s after the last fault:\n{last}");
+    println!(
+        "chaos: every endpoint's children equal what render gives, {:.1} s after the last fault",
+        started.elapsed().as_secs_f64()
+    );
+
+    // No backup slot with two Jobs.
+    let jobs = Api::<k8s_openapi::api::batch::v1::Job>::namespaced(env.client.clone(), &ns)
+        .list(&kube::api::ListParams::default().labels("fhiroperator.io/backup-policy=nightly"))
+        .await
+        .unwrap()
+        .items;
+    let mut slots = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for job in &jobs {
+        let annotations = job.metadata.annotations.clone().unwrap_or_default();
+        let slot = annotations.get("fhiroperator.io/slot").cloned().unwrap_or_default();
+        let run = job
+            .metadata
+            .labels
+            .clone()
+            .unwrap_or_default()
+            .get("fhiroperator.io/backup-run")
+            .cloned()
+            .unwrap_or_default();
+        slots.entry(format!("{run} {slot}")).or_default().push(job.metadata.name.clone().unwrap_or_default());
+    }
+    let twice: Vec<_> = slots.iter().filter(|(_, names)| names.len() > 1).collect();
+    assert!(twice.is_empty(), "slots with two Jobs: {twice:?}");
+    assert!(jobs.len() >= 5, "backups were scheduled during the chaos: {} Jobs", jobs.len());
+
+    // Key versions: consecutive, none twice.
+    let krs: fhir_operator::api::KeyRotationSchedule =
+        Api::namespaced(env.client.clone(), &ns).get("api-keys").await.unwrap();
+    let mut versions: Vec<i64> = krs.status.as_ref().unwrap().versions.iter().map(|v| v.version).collect();
+    versions.sort();
+    let first = versions[0];
+    assert_eq!(
+        versions,
+        (first..first + versions.len() as i64).collect::<Vec<_>>(),
+        "versions consecutive, none twice"
+    );
+    let current = krs.status.as_ref().and_then(|s| s.current_version).unwrap_or_default();
+    assert!(current >= 2, "rotations went on through the chaos: current version {current}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = kubelet.await;
+    println!(
+        "chaos: {} backup Jobs in {} distinct slots; key versions {versions:?}, current {current}",
+        jobs.len(),
+        slots.len()
+    );
+    let logs = env.operator.logs();
+    assert!(!logs.contains("panicked"), "the operator panicked:\n{logs}");
+}
+
+fn dynamic(client: &Client, ns: &str, kind: &str) -> Api<kube::api::DynamicObject> {
+    use kube::core::{ApiResource, GroupVersionKind};
+    let gvk = match kind {
+        "Secret" => GroupVersionKind::gvk("", "v1", "Secret"),
+        other => GroupVersionKind::gvk("fhiroperator.io", "v1alpha1", other),
+    };
+    let ar = ApiResource::from_gvk(&gvk);
+    if kind == "RateLimitTier" {
+        Api::all_with(client.clone(), &ar)
+    } else {
+        Api::namespaced_with(client.clone(), ns, &ar)
+    }
+}
+
+/// What differs between the cluster and `fhir-operator render` of every
+/// endpoint in `ns` (empty when nothing): each rendered field must be in
+/// the live object with the same value. Left out: the owner's uid (render
+/// has none) and the self-issued certificate's hash (render issues none).
+/// The key versions in force come from the schedules' status, as exported.
+async fn rendered_differences(client: &Client, ns: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut inputs = Vec::new();
+    let strip = |mut v: serde_json::Value| {
+        if let Some(meta) = v["metadata"].as_object_mut() {
+            for key in ["managedFields", "resourceVersion", "uid", "creationTimestamp", "generation"] {
+                meta.remove(key);
+            }
+        }
+        v
+    };
+    let Ok(endpoints) = Api::<FhirEndpoint>::namespaced(client.clone(), ns).list(&Default::default()).await else {
+        return "listing endpoints failed".into();
+    };
+    for ep in &endpoints.items {
+        inputs.push(strip(serde_json::to_value(ep).unwrap()));
+    }
+    for kind in ["RateLimitTier", "KeyRotationSchedule"] {
+        let Ok(list) = dynamic(client, ns, kind).list(&Default::default()).await else {
+            return format!("listing {kind}");
+        };
+        for mut obj in list.items {
+            obj.types =
+                Some(kube::core::TypeMeta { api_version: "fhiroperator.io/v1alpha1".into(), kind: kind.into() });
+            inputs.push(strip(serde_json::to_value(&obj).unwrap()));
+        }
+    }
+    let file = dir.path().join("cluster.yaml");
+    let docs: Vec<String> = inputs.iter().map(|v| serde_yaml::to_string(v).unwrap()).collect();
+    std::fs::write(&file, docs.join("---\n")).unwrap();
+    let out = std::process::Command::new(fhir_operator_e2e::operator::binary())
+        .args(["render", "--monitoring=false", "--pdb-api=v1beta1", "-n", ns, "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return format!("render failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut differences = String::new();
+    for doc in serde_yaml::Deserializer::from_slice(&out.stdout) {
+        let Ok(rendered) = serde_json::Value::deserialize(doc) else { continue };
+        if rendered.is_null() {
+            continue;
+        }
+        let (api_version, kind) =
+            (rendered["apiVersion"].as_str().unwrap_or_default(), rendered["kind"].as_str().unwrap_or_default());
+        let name = rendered["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        let ar = kube::core::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(group, version, kind));
+        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+        let live = match api.get_opt(&name).await {
+            Ok(Some(obj)) => serde_json::to_value(obj).unwrap(),
+            Ok(None) => {
+                differences.push_str(&format!("{kind}/{name}: missing\n"));
+                continue;
+            }
+            Err(e) => return format!("{kind}/{name}: {e}"),
+        };
+        subset(&rendered, &live, &format!("{kind}/{name}"), &mut differences);
+    }
+    differences
+}
+
+fn subset(rendered: &serde_json::Value, live: &serde_json::Value, path: &str, out: &mut String) {
+    use serde_json::Value;
+    const SKIP: [&str; 2] = ["uid", "fhiroperator.io/tls-hash"];
+    match (rendered, live) {
+        (Value::Object(r), Value::Object(l)) => {
+            for (key, value) in r {
+                // The API server stores no zero values (`false`, `0`) of
+                // fields that Go omits when empty.
+                let zero = *value == Value::Bool(false) || *value == json!(0);
+                if SKIP.contains(&key.as_str()) || value.is_null() || (zero && !l.contains_key(key)) {
+                    continue;
+                }
+                match l.get(key) {
+                    Some(live) => subset(value, live, &format!("{path}.{key}"), out),
+                    None => out.push_str(&format!("{path}.{key}: not in the cluster\n")),
+                }
+            }
+        }
+        (Value::Array(r), Value::Array(l)) if r.len() == l.len() => {
+            for (i, (a, b)) in r.iter().zip(l).enumerate() {
+                subset(a, b, &format!("{path}[{i}]"), out);
+            }
+        }
+        (r, l) if r == l => {}
+        (r, l) => {
+            let show = |v: &Value| {
+                let s = v.to_string();
+                if s.len() > 120 { format!("{}…", &s[..120]) } else { s }
+            };
+            out.push_str(&format!("{path}: rendered {} but the cluster has {}\n", show(r), show(l)));
+        }
+    }
 }
