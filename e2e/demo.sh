@@ -35,7 +35,8 @@ done
 say "operator running (pid $(cat "$STATE/operator.pid"), log $STATE/operator.log, metrics http://$METRICS/metrics)"
 
 kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply --validate=false -f - >/dev/null
-# What the full example refers to: its TLS Secret and database credentials.
+# What the full example refers to: its TLS Secret, the database credentials
+# and the CA that verifies the database server.
 tmp=$(mktemp -d)
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 90 -subj "/CN=patients.$NS.svc" \
   -addext "subjectAltName=DNS:patients,DNS:patients.$NS,DNS:patients.$NS.svc" -keyout "$tmp/tls.key" -out "$tmp/tls.crt" 2>/dev/null
@@ -43,6 +44,10 @@ kubectl -n "$NS" create secret tls patients-tls --cert "$tmp/tls.crt" --key "$tm
   | kubectl apply --validate=false -f - >/dev/null
 kubectl -n "$NS" create secret generic patients-db-credentials --from-literal=username=fhir \
   --from-literal=password="$(openssl rand -hex 24)" --dry-run=client -o yaml | kubectl apply --validate=false -f - >/dev/null
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 365 -subj "/CN=demo database CA" \
+  -keyout "$tmp/ca.key" -out "$tmp/ca.crt" 2>/dev/null
+kubectl -n "$NS" create secret generic patients-db-ca --from-file=ca.crt="$tmp/ca.crt" --dry-run=client -o yaml \
+  | kubectl apply --validate=false -f - >/dev/null
 rm -rf "$tmp"
 kubectl apply --server-side --validate=false -n "$NS" -f examples/
 
