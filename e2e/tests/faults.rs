@@ -198,6 +198,44 @@ async fn reconciles_after_etcd_is_killed_and_started_again() {
     env.converges_after("etcd killed for 20 s", "before", "after", RECOVERY).await;
 }
 
+/// The FhirEndpoint CRD deleted (with every endpoint and, through owner
+/// references, their children) and created again: the watches of the kind
+/// recover and a new endpoint gets its children.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciles_after_its_crd_is_deleted_and_created_again() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let env = Faulty::start("crd", &[]).await;
+    env.endpoint("before").await;
+    env.children("before", Duration::from_secs(60)).await;
+
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    crds.delete("fhirendpoints.fhiroperator.io", &DeleteParams::default()).await.expect("delete the CRD");
+    wait_for("the CRD gone", Duration::from_secs(60), || async {
+        Ok(crds.get_opt("fhirendpoints.fhiroperator.io").await?.is_none().then_some(()))
+    })
+    .await
+    .unwrap();
+    // Blind for a while: the watches of the kind fail (404) and back off.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    install_crds(&env.client).await.expect("CRD created again");
+    let healed = Instant::now();
+    env.endpoint("after").await;
+    let took = env.children("after", Duration::from_secs(60)).await;
+    let at = healed.elapsed();
+    println!(
+        "CRD deleted and created again: the new endpoint had all its children {:.1} s after the CRD was established \
+         ({:.1} s after it was created)",
+        at.as_secs_f64(),
+        took.as_secs_f64()
+    );
+    assert!(at <= RECOVERY, "not within {RECOVERY:?}");
+    wait_for("/readyz 200", Duration::from_secs(30), || async {
+        Ok((code(&env.operator, "/readyz") == 200).then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
 /// `/healthz` fails only once a watch has been unable to watch for longer
 /// than the stall limit, and passes again after the network heals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
