@@ -575,6 +575,30 @@ impl Keeper {
     }
 }
 
+/// Starts `cmd` from a keeper thread that lives as long as the test
+/// process, with PR_SET_PDEATHSIG: the process dies with the test process
+/// however it ends (a failed test, a panic, nextest's timeout, `kill -9`),
+/// even when it was started from a short-lived thread. For the servers the
+/// tests start (PostgreSQL, the S3 server); stop it earlier with
+/// [`stop_owned`]. Returns its pid.
+pub fn spawn_owned(name: &str, cmd: Command) -> Result<u32> {
+    static KEEPER: std::sync::OnceLock<std::sync::Mutex<Keeper>> = std::sync::OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| std::sync::Mutex::new(Keeper::spawn()));
+    let keeper = keeper.lock().map_err(|_| anyhow!("the process keeper is poisoned"))?;
+    keeper.spawn_child(name, cmd)
+}
+
+/// SIGTERM, up to 10 s for a clean exit, then SIGKILL, for a process that
+/// [`spawn_owned`] started (whose command line names `name`).
+pub fn stop_owned(name: &str, pid: u32) {
+    terminate(&[(name.to_owned(), pid)]);
+}
+
+/// Whether that process still runs.
+pub fn owned_alive(name: &str, pid: u32) -> bool {
+    alive(pid, name)
+}
+
 fn openssl(args: &[&str]) -> Result<()> {
     let out = Command::new("openssl")
         .args(args)

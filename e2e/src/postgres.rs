@@ -1,10 +1,11 @@
 //! A real PostgreSQL server from Debian's packages for the backup tests:
-//! `initdb` into a temporary directory, `pg_ctl` on a loopback port, stopped
-//! on drop. As root, the server runs as Debian's `postgres` user (initdb
+//! `initdb` into a temporary directory, the server on a loopback port, owned
+//! by the test process (it dies with it) and stopped on drop. As root, the server runs as Debian's `postgres` user (initdb
 //! refuses root).
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use anyhow::{Context, Result, bail};
 
@@ -66,6 +67,7 @@ pub fn hand_over(dir: &Path) -> Result<()> {
 pub struct Postgres {
     dir: tempfile::TempDir,
     pub port: u16,
+    pid: u32,
 }
 
 impl Postgres {
@@ -79,18 +81,46 @@ impl Postgres {
             .arg(&data))
         .context("initdb")?;
         let port = free_port()?;
-        let options = format!(
-            "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={} -c fsync=off",
-            dir.path().join("socket").display()
-        );
-        run(server_command("pg_ctl")?
-            .args(["--wait", "--options", &options, "--log"])
-            .arg(dir.path().join("postgres.log"))
-            .arg("--pgdata")
+        // The server itself, not `pg_ctl start` (which detaches it): owned by
+        // the test process, it dies with it however the test ends.
+        let mut server = Command::new(bin_dir()?.join("postgres"));
+        server
+            .arg("-D")
             .arg(&data)
-            .arg("start"))
-        .with_context(|| format!("pg_ctl start (log: {})", dir.path().join("postgres.log").display()))?;
-        Ok(Postgres { dir, port })
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", &format!("port={port}"), "-c", "fsync=off"])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", dir.path().join("socket").display()))
+            .env_remove("PGHOST")
+            .env_remove("PGPORT")
+            .env_remove("PGDATABASE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("postgres.log"))?);
+        if is_root() {
+            let (uid, gid) = postgres_ids()?;
+            // Switch user in the child itself (runuser would fork, and the
+            // death signal would reach only runuser).
+            // SAFETY: setgid, setgroups and setuid are async-signal-safe.
+            unsafe {
+                server.pre_exec(move || {
+                    if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let pid = crate::control_plane::spawn_owned("postgres", server)?;
+        let pg = Postgres { dir, port, pid };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while pg.sql("postgres", "SELECT 1").is_err() {
+            if std::time::Instant::now() > deadline || !crate::control_plane::owned_alive("postgres", pid) {
+                let log = std::fs::read_to_string(pg.dir.path().join("postgres.log")).unwrap_or_default();
+                bail!("PostgreSQL did not start within 30 s; its log:\n{log}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Ok(pg)
     }
 
     /// Environment for libpq clients (pg_dump, psql) to reach `database`.
@@ -129,17 +159,28 @@ impl Postgres {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
 }
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        if let Ok(mut stop) = server_command("pg_ctl") {
-            let _ = stop
-                .args(["--mode=immediate", "--wait", "--pgdata"])
-                .arg(self.dir.path().join("data"))
-                .arg("stop")
-                .output();
+        crate::control_plane::stop_owned("postgres", self.pid);
+    }
+}
+
+/// Debian's `postgres` user and group.
+fn postgres_ids() -> Result<(libc::uid_t, libc::gid_t)> {
+    // SAFETY: getpwnam with a NUL-terminated name; the result is read at once.
+    unsafe {
+        let pw = libc::getpwnam(c"postgres".as_ptr());
+        if pw.is_null() {
+            bail!("no `postgres` user: install Debian's `postgresql` package");
         }
+        Ok(((*pw).pw_uid, (*pw).pw_gid))
     }
 }
 

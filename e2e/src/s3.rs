@@ -3,13 +3,14 @@
 //! objects as files in a temporary directory.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 pub struct S3Server {
-    child: Child,
+    /// Owned by the test process: it dies with it.
+    pid: u32,
     root: tempfile::TempDir,
     port: u16,
     bucket: String,
@@ -44,15 +45,17 @@ impl S3Server {
         let port = crate::postgres::free_port()?;
         let access_key = "fhir-backup-agent".to_owned();
         let secret_key = format!("s3-secret-{}", std::process::id());
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        command
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", &access_key, "--secret-key", &secret_key])
             .arg(root.path())
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
+            .stderr(Stdio::null());
+        let pid = crate::control_plane::spawn_owned("s3s-fs", command)
             .with_context(|| format!("starting {}", binary.display()))?;
-        let server = S3Server { child, root, port, bucket: bucket.to_owned(), access_key, secret_key };
+        let server = S3Server { pid, root, port, bucket: bucket.to_owned(), access_key, secret_key };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline {
@@ -109,7 +112,6 @@ fn collect(base: &Path, dir: &Path, keys: &mut Vec<String>) {
 
 impl Drop for S3Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::control_plane::stop_owned("s3s-fs", self.pid);
     }
 }

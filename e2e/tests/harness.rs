@@ -69,6 +69,22 @@ fn a_killed_owner_takes_its_control_plane_with_it() {
     );
 }
 
+/// The same for the servers the tests start themselves: a PostgreSQL
+/// server dies with the process that started it, even on SIGKILL (it once
+/// outlived a test that nextest's timeout killed).
+#[test]
+fn a_killed_owner_takes_its_postgres_server_with_it() {
+    let mut child =
+        Command::new(BIN).arg("postgres").stdout(Stdio::piped()).spawn().expect("spawn control-plane postgres");
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let ready = stdout.lines().map_while(Result::ok).find(|l| l.starts_with("ready ")).expect("no ready line");
+    let pid: u32 = ready.rsplit_once("pid=").and_then(|(_, p)| p.trim().parse().ok()).expect("pid");
+    assert!(alive(pid), "{ready}");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(wait_all_dead(&[pid], Duration::from_secs(5)), Vec::<u32>::new(), "postgres outlived its killed owner");
+}
+
 fn run(dir: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(BIN).arg("--dir").arg(dir).args(args).output().expect("run control-plane");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())

@@ -36,6 +36,10 @@ enum Cmd {
     /// Bind the operator's RBAC rules to the `fhir-operator` token user and
     /// print the path of that user's kubeconfig.
     Rbac,
+    /// Start a PostgreSQL server as the backup tests do (Debian's, on a free
+    /// loopback port) and keep it until this command is interrupted or
+    /// killed: the server dies with it. Prints `ready port=P pid=N`.
+    Postgres,
 }
 
 fn main() -> ExitCode {
@@ -81,6 +85,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("export KUBECONFIG={}", plane.kubeconfig().display());
             let pids: Vec<String> = plane.pids().iter().map(|(n, p)| format!("{n}={p}")).collect();
             println!("ready {}", pids.join(" "));
+            loop {
+                std::thread::park();
+            }
+        }
+        Cmd::Postgres => {
+            let pg = fhir_operator_e2e::postgres::Postgres::start()?;
+            println!("ready port={} pid={}", pg.port, pg.pid());
             loop {
                 std::thread::park();
             }
