@@ -37,6 +37,7 @@ fn custom_values(namespaces: &[&str]) -> Value {
         "image": {"repository": "registry.example/platform/fhir-operator", "tag": "9.9.9"},
         "gatewayImage": "registry.example/nginx-unprivileged:1.27",
         "replicaCount": 3,
+        "watchStallLimit": "5m",
     })
 }
 
@@ -135,6 +136,7 @@ fn default_values_render_a_pod_security_restricted_deployment() {
     let args: Vec<&str> = c["args"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
     assert_eq!(args[0], "run");
     assert!(args.contains(&"--metrics-addr=0.0.0.0:8080"), "{args:?}");
+    assert!(args.contains(&"--watch-stall-limit=2m"), "{args:?}");
     assert!(args.contains(&format!("--sidecar-image={image}").as_str()), "{args:?}");
     assert!(!args.iter().any(|a| a.starts_with("--namespace")), "cluster-wide by default: {args:?}");
     let pod_name = c["env"].as_array().unwrap().iter().find(|e| e["name"] == "POD_NAME").expect("POD_NAME");
@@ -193,6 +195,7 @@ fn non_default_values_render_a_namespaced_install_with_a_service_monitor() {
         "--namespace=clinic-a,clinic-b",
         "--sidecar-image=registry.example/platform/fhir-operator:9.9.9",
         "--gateway-image=registry.example/nginx-unprivileged:1.27",
+        "--watch-stall-limit=5m",
     ] {
         assert!(args.contains(&expected), "{expected} missing from {args:?}");
     }
