@@ -12,7 +12,12 @@
 #                                user; prints that user's kubeconfig
 #   e2e/control-plane.sh env     print the exports that point tools and tests at it
 #   e2e/control-plane.sh status  list its processes and whether each runs
-#   e2e/control-plane.sh down    stop every process `up` started, by pid
+#   e2e/control-plane.sh down    stop every process `up` started, by pid, and
+#                                undo what a node changed (also the leftovers
+#                                of killed test processes)
+#   e2e/control-plane.sh up --node   (or run --node) with a local node:
+#                                kubelet + kube-proxy + kube-scheduler on the
+#                                Docker engine (e2e/images.sh builds its images)
 #   e2e/control-plane.sh run     start one in the foreground; Ctrl-C stops it
 #
 # Binaries, in order: KUBEBUILDER_ASSETS (a directory holding kube-apiserver
@@ -176,7 +181,8 @@ case "$cmd" in
   up|run)
     cmd_build
     need openssl openssl
-    exec "$(control_plane_bin)" --dir "$STATE_DIR" "$cmd" ;;
+    case " ${*:2} " in *" --node "*) cmd_build_node ;; esac
+    exec "$(control_plane_bin)" --dir "$STATE_DIR" "$cmd" "${@:2}" ;;
   down|env|status|crds|rbac)
     exec "$(control_plane_bin)" --dir "$STATE_DIR" "$cmd" ;;
   *)
