@@ -51,7 +51,7 @@ pause_key() {
 }
 
 nginx_key() {
-  { echo "nginx recipe v1: debootstrap --variant=minbase --include=nginx-light $SUITE; USER 65532; CMD nginx -e stderr"
+  { echo "nginx recipe v2 (empty /tmp): debootstrap --variant=minbase --include=nginx-light $SUITE; USER 65532; CMD nginx -e stderr"
     mirror; cat "$HERE/images/nginx.conf"; } | hash
 }
 
@@ -99,6 +99,18 @@ stop_docker() {
 
 has_image() { docker image inspect "$1" >/dev/null 2>&1; }
 
+# prune NAME REF: other keys of this image (tags and cached tarballs) are
+# outdated; a tag still used by a container stays.
+prune() {
+  local name=$1 ref=$2 key=${2##*:} f
+  docker images --format '{{.Repository}}:{{.Tag}}' "$REPO/$name" | grep -vxF "$ref" \
+    | while read -r old; do docker rmi "$old" >/dev/null 2>&1 && say "removed outdated $old"; done || true
+  for f in "$IMAGE_CACHE/$name"-*.tar; do
+    [ -e "$f" ] && [ "$f" != "$IMAGE_CACHE/$name-$key.tar" ] && rm -f "$f"
+  done
+  return 0
+}
+
 build_pause() {
   local key ref tarball work
   key=$(pause_key); ref=$REPO/pause:$key; tarball=$IMAGE_CACHE/pause-$key.tar
@@ -131,6 +143,10 @@ build_nginx() {
       "$work/root/usr/share/doc" "$work/root/usr/share/man" "$work/root/usr/share/locale"
     chroot "$work/root" /usr/sbin/nginx -t -e stderr -c /etc/nginx/nginx.conf >/dev/null 2>&1 \
       || { chroot "$work/root" /usr/sbin/nginx -t -e stderr -c /etc/nginx/nginx.conf; die "nginx -t failed in the image"; }
+    # `nginx -t` made its temporary directories (and pid file) under /tmp
+    # as root: the image's /tmp must be empty and writable by any uid.
+    find "$work/root/tmp" -mindepth 1 -delete
+    chmod 1777 "$work/root/tmp"
     tar --numeric-owner -C "$work/root" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
     rm -rf "$work"
   fi
@@ -148,6 +164,8 @@ case "${1:-build}" in
     ensure_docker
     build_pause
     build_nginx
+    prune pause "$(refs | sed -n 's/^pause=//p')"
+    prune nginx "$(refs | sed -n 's/^nginx=//p')"
     refs ;;
   *) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2; exit 2 ;;
 esac
