@@ -325,11 +325,11 @@ impl ControlPlane {
     /// name and address.
     fn prepare_node(&mut self, binaries: crate::node::NodeBinaries) -> Result<()> {
         self.node_lock = Some(crate::node::lock()?);
-        crate::node::ensure_docker(&self.dir)?;
+        let started_docker = crate::node::ensure_docker(&self.dir)?.is_some();
         let images = crate::node::Images::build()?;
         let address = crate::node::docker_bridge_address()?;
         let name = format!("fhir-node-{}", &random_hex(3)?);
-        self.node = Some(crate::node::NodeInfo { name, address, images, binaries });
+        self.node = Some(crate::node::NodeInfo { name, address, images, binaries, started_docker });
         Ok(())
     }
 

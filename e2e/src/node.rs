@@ -114,6 +114,9 @@ pub struct NodeInfo {
     pub address: Ipv4Addr,
     pub images: Images,
     pub binaries: NodeBinaries,
+    /// Whether the harness started the Docker engine (then with hairpin
+    /// mode on the bridge ports: a pod reaches itself through its Service).
+    pub started_docker: bool,
 }
 
 fn docker_answers() -> bool {
@@ -138,6 +141,10 @@ pub fn ensure_docker(dir: &Path) -> Result<Option<u32>> {
     })?;
     let log = fs::File::create(dir.join("dockerd.log"))?;
     let mut cmd = Command::new(dockerd);
+    // Without the userland proxy the bridge driver sets hairpin mode on each
+    // container's port: a pod's packets to its own Service come back to it
+    // (the kubelet's --hairpin-mode works only with kubenet or CNI).
+    cmd.arg("--userland-proxy=false");
     cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
