@@ -3,6 +3,8 @@
 # etcd + kube-apiserver + kube-controller-manager v1.20.2 on loopback.
 #
 #   e2e/control-plane.sh build   build (once) and cache the Kubernetes binaries
+#   e2e/control-plane.sh build-node  build (once) and cache kubelet, kube-proxy
+#                                and kube-scheduler for a local node (see below)
 #   e2e/control-plane.sh up      start a control plane in the background; prints
 #                                `export KUBECONFIG=...`
 #   e2e/control-plane.sh crds    install the operator's CRDs into it
@@ -10,7 +12,12 @@
 #                                user; prints that user's kubeconfig
 #   e2e/control-plane.sh env     print the exports that point tools and tests at it
 #   e2e/control-plane.sh status  list its processes and whether each runs
-#   e2e/control-plane.sh down    stop every process `up` started, by pid
+#   e2e/control-plane.sh down    stop every process `up` started, by pid, and
+#                                undo what a node changed (also the leftovers
+#                                of killed test processes)
+#   e2e/control-plane.sh up --node   (or run --node) with a local node:
+#                                kubelet + kube-proxy + kube-scheduler on the
+#                                Docker engine (e2e/images.sh builds its images)
 #   e2e/control-plane.sh run     start one in the foreground; Ctrl-C stops it
 #
 # Binaries, in order: KUBEBUILDER_ASSETS (a directory holding kube-apiserver
@@ -95,6 +102,66 @@ cmd_build() {
   say "built and cached in $BIN_DIR"
 }
 
+# The node's binaries: kubelet (with its built-in dockershim), kube-proxy and
+# kube-scheduler, from the same source tree, with one patch: this kind of VM
+# lacks CAP_SYS_RESOURCE, so no process may set a negative oom_score_adj, and
+# dockershim's -998 for the pause container and the QoS policy's -997 for
+# Guaranteed pods make every sandbox fail (`runc create failed: ... can't get
+# final child's PID from pipe: EOF`). Both become 0. The cache is keyed by
+# version and patch: change NODE_PATCH_KEY whenever the patch changes.
+NODE_PATCH_KEY=oom-score-adj-0.v1
+NODE_BIN_DIR=$CACHE_ROOT/k8s-$K8S_VERSION/node-bin
+NODE_KEY="$K8S_VERSION $DEB_VERSION $NODE_PATCH_KEY"
+
+# patch_line FILE OLD NEW: replace the one line matching OLD (a fixed string)
+# by NEW; fail loudly when OLD does not match exactly once.
+patch_line() {
+  local file=$1 old=$2 new=$3 n
+  n=$(grep -cF -- "$old" "$file" || true)
+  [ "$n" = 1 ] || die "patch: expected exactly one line '$old' in $file, found $n"
+  sed -i "s|$old|$new|" "$file"
+  grep -qF -- "$new" "$file" || die "patch: '$new' not in $file after sed"
+}
+
+cmd_build_node() {
+  if [ -f "$NODE_BIN_DIR/KEY" ] && [ "$(cat "$NODE_BIN_DIR/KEY")" = "$NODE_KEY" ] \
+     && [ -x "$NODE_BIN_DIR/kubelet" ] && [ -x "$NODE_BIN_DIR/kube-proxy" ] && [ -x "$NODE_BIN_DIR/kube-scheduler" ]; then
+    say "cached node binaries ($NODE_KEY) in $NODE_BIN_DIR"; return 0
+  fi
+  say "building kubelet, kube-proxy, kube-scheduler $K8S_VERSION (about 20 minutes on 2 cores, once)"
+  if ! command -v go >/dev/null || ! command -v rsync >/dev/null \
+     || [ ! -d /usr/share/gocode/src/github.com/modern-go/reflect2 ]; then
+    [ "$(id -u)" = 0 ] || die "missing build tools; as root: apt-get install -y golang-go rsync jq golang-github-modern-go-reflect2-dev"
+    apt-get update -q >/dev/null
+    apt_install golang-go rsync jq golang-github-modern-go-reflect2-dev
+  fi
+  enable_deb_src
+  local work; work=$(mktemp -d "${TMPDIR:-/tmp}/fhir-k8s-node-build.XXXXXX")
+  (
+    cd "$work"
+    apt-get source -q "kubernetes=$DEB_VERSION" >/dev/null 2>"$work/source.log" \
+      || { cat "$work/source.log" >&2; die "apt-get source kubernetes=$DEB_VERSION failed"; }
+    local tree; tree=$(find . -maxdepth 1 -type d -name 'kubernetes-*' | head -n1)
+    [ -n "$tree" ] || die "source package unpacked no kubernetes-* directory"
+    cd "$tree"
+    rm -rf vendor/github.com/modern-go/reflect2
+    cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 vendor/github.com/modern-go/reflect2
+    patch_line pkg/kubelet/dockershim/docker_sandbox.go \
+      'defaultSandboxOOMAdj int = -998' 'defaultSandboxOOMAdj int = 0'
+    patch_line pkg/kubelet/qos/policy.go \
+      'guaranteedOOMScoreAdj int = -997' 'guaranteedOOMScoreAdj int = 0'
+    make WHAT="cmd/kubelet cmd/kube-proxy cmd/kube-scheduler" >"$work/make.log" 2>&1 \
+      || { tail -n 40 "$work/make.log" >&2; die "node build failed; full log in $work/make.log"; }
+    rm -rf "$NODE_BIN_DIR.tmp"; mkdir -p "$NODE_BIN_DIR.tmp"
+    cp _output/local/bin/linux/amd64/kubelet _output/local/bin/linux/amd64/kube-proxy \
+       _output/local/bin/linux/amd64/kube-scheduler "$NODE_BIN_DIR.tmp/"
+    echo "$NODE_KEY" > "$NODE_BIN_DIR.tmp/KEY"
+  )
+  rm -rf "$NODE_BIN_DIR"; mv "$NODE_BIN_DIR.tmp" "$NODE_BIN_DIR"
+  rm -rf "$work"
+  say "built and cached in $NODE_BIN_DIR"
+}
+
 TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE_ROOT/target}
 
 # The Rust side of the harness (e2e/src/control_plane.rs) starts and stops
@@ -110,10 +177,12 @@ control_plane_bin() {
 cmd=${1:-}
 case "$cmd" in
   build) cmd_build ;;
+  build-node) cmd_build_node ;;
   up|run)
     cmd_build
     need openssl openssl
-    exec "$(control_plane_bin)" --dir "$STATE_DIR" "$cmd" ;;
+    case " ${*:2} " in *" --node "*) cmd_build_node ;; esac
+    exec "$(control_plane_bin)" --dir "$STATE_DIR" "$cmd" "${@:2}" ;;
   down|env|status|crds|rbac)
     exec "$(control_plane_bin)" --dir "$STATE_DIR" "$cmd" ;;
   *)

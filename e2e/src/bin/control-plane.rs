@@ -20,10 +20,19 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Start a control plane that keeps running after this command exits.
-    Up,
+    Up {
+        /// With a node (kubelet, kube-proxy, kube-scheduler on the Docker
+        /// engine): pods really run. See `e2e/src/node.rs`.
+        #[arg(long)]
+        node: bool,
+    },
     /// Start a control plane and keep it until this command is interrupted
     /// (Ctrl-C) or killed: its processes die with it.
-    Run,
+    Run {
+        /// With a node, as for `up`.
+        #[arg(long)]
+        node: bool,
+    },
     /// Stop the recorded control plane's processes and remove its directory.
     Down,
     /// Print `export KUBECONFIG=...` for the recorded control plane.
@@ -58,17 +67,29 @@ fn current(dir: &std::path::Path) -> anyhow::Result<Option<PathBuf>> {
     Ok(std::fs::read_link(&link).ok())
 }
 
+fn start(dir: &std::path::Path, lifetime: Lifetime, node: bool) -> anyhow::Result<ControlPlane> {
+    if node {
+        let plane = ControlPlane::start_with_node(Some(dir), lifetime)?;
+        if let Some(n) = plane.node() {
+            eprintln!("control-plane: node {} on {}, pause image {}", n.name, n.address, n.images.pause);
+        }
+        Ok(plane)
+    } else {
+        ControlPlane::start(Some(dir), lifetime)
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let dir = cli.dir.clone();
     match cli.command {
-        Cmd::Up => {
+        Cmd::Up { node } => {
             if let Some(running) = current(&dir)?
                 && control_plane::recorded_status(&running)?.iter().any(|(_, _, alive)| *alive)
             {
                 anyhow::bail!("a control plane already runs in {}; `down` it first", running.display());
             }
             std::fs::create_dir_all(&dir)?;
-            let plane = ControlPlane::start(Some(&dir), Lifetime::Detached)?;
+            let plane = start(&dir, Lifetime::Detached, node)?;
             let link = dir.join("current");
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink(plane.dir(), &link)?;
@@ -78,9 +99,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             println!("export KUBECONFIG={}", link.join("kubeconfig").display());
         }
-        Cmd::Run => {
+        Cmd::Run { node } => {
             std::fs::create_dir_all(&dir)?;
-            let plane = ControlPlane::start(Some(&dir), Lifetime::Owned)?;
+            let plane = start(&dir, Lifetime::Owned, node)?;
             eprintln!("control-plane: running ({}); Ctrl-C stops it", plane.source());
             println!("export KUBECONFIG={}", plane.kubeconfig().display());
             let pids: Vec<String> = plane.pids().iter().map(|(n, p)| format!("{n}={p}")).collect();
@@ -96,15 +117,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::thread::park();
             }
         }
-        Cmd::Down => match current(&dir)? {
-            Some(running) => {
-                let stopped = control_plane::stop_recorded(&running)?;
-                std::fs::remove_dir_all(&running)?;
-                std::fs::remove_file(dir.join("current"))?;
-                eprintln!("control-plane: stopped {}", stopped.join(", "));
+        Cmd::Down => {
+            match current(&dir)? {
+                Some(running) => {
+                    let stopped = control_plane::stop_recorded(&running)?;
+                    std::fs::remove_dir_all(&running)?;
+                    std::fs::remove_file(dir.join("current"))?;
+                    eprintln!("control-plane: stopped {}", stopped.join(", "));
+                }
+                None => eprintln!("control-plane: nothing recorded in {}; nothing to stop", dir.display()),
             }
-            None => eprintln!("control-plane: nothing recorded in {}; nothing to stop", dir.display()),
-        },
+            // Leftovers of test processes that were killed (their processes
+            // are gone; a node's containers, chains and mounts may not be).
+            for parent in [dir.clone(), std::env::temp_dir()] {
+                control_plane::reap_stale_dirs(&parent);
+            }
+        }
         Cmd::Env => {
             let running =
                 current(&dir)?.ok_or_else(|| anyhow::anyhow!("no control plane in {}; run `up`", dir.display()))?;
