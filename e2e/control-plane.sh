@@ -59,6 +59,28 @@ enable_deb_src() {
   apt-get update -q >/dev/null
 }
 
+# source_tree WORK: Debian's Kubernetes source package unpacked in WORK
+# (its one kubernetes-* directory), with the tools to build it installed.
+source_tree() {
+  local work=$1
+  if ! command -v go >/dev/null || ! command -v rsync >/dev/null \
+     || [ ! -d /usr/share/gocode/src/github.com/modern-go/reflect2 ]; then
+    [ "$(id -u)" = 0 ] || die "missing build tools; as root: apt-get install -y golang-go rsync jq golang-github-modern-go-reflect2-dev"
+    apt-get update -q >/dev/null
+    apt_install golang-go rsync jq golang-github-modern-go-reflect2-dev
+  fi
+  enable_deb_src
+  (cd "$work" && apt-get source -q "kubernetes=$DEB_VERSION" >/dev/null 2>"$work/source.log") \
+    || { cat "$work/source.log" >&2; die "apt-get source kubernetes=$DEB_VERSION failed"; }
+  local trees; trees=$(find "$work" -maxdepth 1 -type d -name 'kubernetes-*' | wc -l)
+  [ "$trees" = 1 ] || die "source package unpacked $trees kubernetes-* directories, not one"
+  local tree; tree=$(find "$work" -maxdepth 1 -type d -name 'kubernetes-*')
+  # The vendored reflect2 1.0.1 faults under Go >= 1.18 (mapiterinit) as soon
+  # as a custom resource is written; Debian's 1.0.2 works.
+  rm -rf "$tree/vendor/github.com/modern-go/reflect2"
+  cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$tree/vendor/github.com/modern-go/reflect2"
+}
+
 cmd_build() {
   if [ -n "${KUBEBUILDER_ASSETS:-}" ]; then
     [ -x "$KUBEBUILDER_ASSETS/kube-apiserver" ] || die "KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS has no kube-apiserver"
@@ -73,25 +95,10 @@ cmd_build() {
     say "cached Kubernetes $K8S_VERSION binaries in $BIN_DIR"; return 0
   fi
   say "building Kubernetes $K8S_VERSION from Debian's source package (about 8 minutes on 2 cores, once)"
-  if ! command -v go >/dev/null || ! command -v etcd >/dev/null || ! command -v rsync >/dev/null \
-     || [ ! -d /usr/share/gocode/src/github.com/modern-go/reflect2 ]; then
-    [ "$(id -u)" = 0 ] || die "missing build tools; as root: apt-get install -y golang-go etcd-server rsync jq golang-github-modern-go-reflect2-dev"
-    apt-get update -q >/dev/null
-    apt_install golang-go etcd-server rsync jq golang-github-modern-go-reflect2-dev
-  fi
-  enable_deb_src
   local work; work=$(mktemp -d "${TMPDIR:-/tmp}/fhir-k8s-build.XXXXXX")
+  source_tree "$work"
   (
-    cd "$work"
-    apt-get source -q "kubernetes=$DEB_VERSION" >/dev/null 2>"$work/source.log" \
-      || { cat "$work/source.log" >&2; die "apt-get source kubernetes=$DEB_VERSION failed"; }
-    local tree; tree=$(find . -maxdepth 1 -type d -name 'kubernetes-*' | head -n1)
-    [ -n "$tree" ] || die "source package unpacked no kubernetes-* directory"
-    cd "$tree"
-    # The vendored reflect2 1.0.1 faults under Go >= 1.18 (mapiterinit) as soon
-    # as a custom resource is written; Debian's 1.0.2 works.
-    rm -rf vendor/github.com/modern-go/reflect2
-    cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 vendor/github.com/modern-go/reflect2
+    cd "$work"/kubernetes-*
     make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >"$work/make.log" 2>&1 \
       || { tail -n 40 "$work/make.log" >&2; die "Kubernetes build failed; full log in $work/make.log"; }
     mkdir -p "$BIN_DIR.tmp"
@@ -129,23 +136,10 @@ cmd_build_node() {
     say "cached node binaries ($NODE_KEY) in $NODE_BIN_DIR"; return 0
   fi
   say "building kubelet, kube-proxy, kube-scheduler $K8S_VERSION (about 20 minutes on 2 cores, once)"
-  if ! command -v go >/dev/null || ! command -v rsync >/dev/null \
-     || [ ! -d /usr/share/gocode/src/github.com/modern-go/reflect2 ]; then
-    [ "$(id -u)" = 0 ] || die "missing build tools; as root: apt-get install -y golang-go rsync jq golang-github-modern-go-reflect2-dev"
-    apt-get update -q >/dev/null
-    apt_install golang-go rsync jq golang-github-modern-go-reflect2-dev
-  fi
-  enable_deb_src
   local work; work=$(mktemp -d "${TMPDIR:-/tmp}/fhir-k8s-node-build.XXXXXX")
+  source_tree "$work"
   (
-    cd "$work"
-    apt-get source -q "kubernetes=$DEB_VERSION" >/dev/null 2>"$work/source.log" \
-      || { cat "$work/source.log" >&2; die "apt-get source kubernetes=$DEB_VERSION failed"; }
-    local tree; tree=$(find . -maxdepth 1 -type d -name 'kubernetes-*' | head -n1)
-    [ -n "$tree" ] || die "source package unpacked no kubernetes-* directory"
-    cd "$tree"
-    rm -rf vendor/github.com/modern-go/reflect2
-    cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 vendor/github.com/modern-go/reflect2
+    cd "$work"/kubernetes-*
     patch_line pkg/kubelet/dockershim/docker_sandbox.go \
       'defaultSandboxOOMAdj int = -998' 'defaultSandboxOOMAdj int = 0'
     patch_line pkg/kubelet/qos/policy.go \
