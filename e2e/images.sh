@@ -8,14 +8,29 @@
 #                                   (debootstrap), configured by
 #                                   e2e/images/nginx.conf: any non-root uid,
 #                                   read-only root, /tmp writable, port 8080
+#   fhir-operator-test/runtime:<key> Debian bookworm minbase + ca-certificates,
+#                                   libssl3 and PostgreSQL 15 (server and
+#                                   client), the user postgres as uid 999
+#                                   (as in the official PostgreSQL images)
+#   fhir-operator-test/postgres:<key> runtime, PostgreSQL's programs on PATH,
+#                                   USER 999: the database pods and the
+#                                   backup/drill Jobs' dump and restore
+#   fhir-operator-test/hfs:<key>    runtime + the Helios FHIR Server binary
+#                                   (e2e/hfs.sh) and its search parameters
+#                                   in its working directory /opt/hfs
+#   fhir-operator-test/operator:<key> runtime + the operator binary given
+#                                   with --operator (the gateway-metrics
+#                                   sidecar and the backup agent)
 #
 # <key> is a hash of each image's inputs (the recipe in this script, the
 # files under e2e/images/, the compiler or the package mirror). The root
 # filesystems are cached as tarballs under <cache>/images, so a new Docker
-# engine only imports them. Prints `pause=<ref>` and `nginx=<ref>`.
+# engine only imports them; the images on top of runtime are `docker build`s
+# of a few files. Prints `<name>=<ref>` for each.
 #
-#   e2e/images.sh          build what is missing, print the references
-#   e2e/images.sh refs     print the references only (no Docker needed)
+#   e2e/images.sh [build] [--operator BINARY]   build what is missing, print
+#                                  the references (operator only when given)
+#   e2e/images.sh refs [--operator BINARY]      print the references only
 #
 # Needs a running Docker engine; if none runs, one is started for the build
 # and stopped afterwards. Needs root to install debootstrap and gcc.
@@ -55,10 +70,41 @@ nginx_key() {
     mirror; cat "$HERE/images/nginx.conf"; } | hash
 }
 
+RUNTIME_PACKAGES=ca-certificates,libssl3,postgresql-15,postgresql-client-15
+PG_BIN=/usr/lib/postgresql/15/bin
+
+runtime_key() {
+  { echo "runtime recipe v1: debootstrap --variant=minbase --include=$RUNTIME_PACKAGES $SUITE; postgres uid/gid 999"
+    mirror; } | hash
+}
+
+postgres_key() { { echo "postgres recipe v1: PATH=$PG_BIN; USER 999"; runtime_key; } | hash; }
+
+hfs_key() {
+  { echo "hfs recipe v1: /opt/hfs/hfs, /opt/hfs/data, WORKDIR /opt/hfs, USER 65532"; runtime_key
+    sha256sum "$(hfs_binary)" "$(dirname "$(hfs_binary)")"/data/*; } | hash
+}
+
+operator_key() {
+  { echo "operator recipe v1: /usr/local/bin/fhir-operator, USER 65532"; runtime_key; sha256sum < "$OPERATOR"; } | hash
+}
+
+HFS_BINARY=
+hfs_binary() {
+  [ -n "$HFS_BINARY" ] || HFS_BINARY=$("$HERE/hfs.sh" | tail -n1)
+  echo "$HFS_BINARY"
+}
+
+OPERATOR=
 refs() {
   echo "pause=$REPO/pause:$(pause_key)"
   echo "nginx=$REPO/nginx:$(nginx_key)"
+  echo "runtime=$REPO/runtime:$(runtime_key)"
+  echo "postgres=$REPO/postgres:$(postgres_key)"
+  echo "hfs=$REPO/hfs:$(hfs_key)"
+  [ -z "$OPERATOR" ] || echo "operator=$REPO/operator:$(operator_key)"
 }
+ref_of() { refs | sed -n "s/^$1=//p"; }
 
 ensure_tools() {
   local missing=()
@@ -111,6 +157,31 @@ prune() {
   return 0
 }
 
+# bootstrap NAME PACKAGES: a Debian $SUITE minbase root filesystem with
+# PACKAGES (comma-separated) in a new work directory (printed; the root is
+# its root/).
+bootstrap() {
+  local name=$1 packages=$2 uri work
+  uri=$(mirror); [ -n "$uri" ] || die "no deb URI for $SUITE in the apt sources"
+  [ "$(id -u)" = 0 ] || die "debootstrap needs root"
+  work=$(mktemp -d "${TMPDIR:-/tmp}/fhir-$name-image.XXXXXX")
+  debootstrap --variant=minbase --include="$packages" "$SUITE" "$work/root" "$uri" >"$work/debootstrap.log" 2>&1 \
+    || { tail -n 30 "$work/debootstrap.log" >&2; die "debootstrap failed (log: $work/debootstrap.log)"; }
+  echo "$work"
+}
+
+# pack WORK TARBALL: drops caches and docs, leaves /tmp empty and writable
+# by any uid, writes the tarball and removes the work directory.
+pack() {
+  local work=$1 tarball=$2
+  rm -rf "$work/root/var/cache/apt/archives/"*.deb "$work/root/var/lib/apt/lists/"* \
+    "$work/root/usr/share/doc" "$work/root/usr/share/man" "$work/root/usr/share/locale"
+  find "$work/root/tmp" -mindepth 1 -delete
+  chmod 1777 "$work/root/tmp"
+  tar --numeric-owner -C "$work/root" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
+  rm -rf "$work"
+}
+
 build_pause() {
   local key ref tarball work
   key=$(pause_key); ref=$REPO/pause:$key; tarball=$IMAGE_CACHE/pause-$key.tar
@@ -132,23 +203,14 @@ build_nginx() {
   key=$(nginx_key); ref=$REPO/nginx:$key; tarball=$IMAGE_CACHE/nginx-$key.tar
   has_image "$ref" && return 0
   if [ ! -f "$tarball" ]; then
-    uri=$(mirror); [ -n "$uri" ] || die "no deb URI for $SUITE in the apt sources"
-    [ "$(id -u)" = 0 ] || die "debootstrap needs root"
     say "building $ref (debootstrap $SUITE minbase + nginx-light, about 2 minutes)"
-    work=$(mktemp -d "${TMPDIR:-/tmp}/fhir-nginx-image.XXXXXX")
-    debootstrap --variant=minbase --include=nginx-light "$SUITE" "$work/root" "$uri" >"$work/debootstrap.log" 2>&1 \
-      || { tail -n 30 "$work/debootstrap.log" >&2; die "debootstrap failed (log: $work/debootstrap.log)"; }
+    work=$(bootstrap nginx nginx-light)
     install -m 0644 "$HERE/images/nginx.conf" "$work/root/etc/nginx/nginx.conf"
-    rm -rf "$work/root/var/cache/apt/archives/"*.deb "$work/root/var/lib/apt/lists/"* \
-      "$work/root/usr/share/doc" "$work/root/usr/share/man" "$work/root/usr/share/locale"
     chroot "$work/root" /usr/sbin/nginx -t -e stderr -c /etc/nginx/nginx.conf >/dev/null 2>&1 \
       || { chroot "$work/root" /usr/sbin/nginx -t -e stderr -c /etc/nginx/nginx.conf; die "nginx -t failed in the image"; }
     # `nginx -t` made its temporary directories (and pid file) under /tmp
-    # as root: the image's /tmp must be empty and writable by any uid.
-    find "$work/root/tmp" -mindepth 1 -delete
-    chmod 1777 "$work/root/tmp"
-    tar --numeric-owner -C "$work/root" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
-    rm -rf "$work"
+    # as root: pack empties it.
+    pack "$work" "$tarball"
   fi
   docker import -c 'USER 65532:65532' -c 'EXPOSE 8080' \
     -c 'CMD ["/usr/sbin/nginx", "-e", "stderr", "-g", "daemon off;"]' "$tarball" "$ref" >/dev/null \
@@ -156,7 +218,74 @@ build_nginx() {
   say "imported $ref"
 }
 
-case "${1:-build}" in
+build_runtime() {
+  local key ref tarball work uri
+  key=$(runtime_key); ref=$REPO/runtime:$key; tarball=$IMAGE_CACHE/runtime-$key.tar
+  has_image "$ref" && return 0
+  if [ ! -f "$tarball" ]; then
+    say "building $ref (debootstrap $SUITE minbase + PostgreSQL 15, about 3 minutes)"
+    work=$(bootstrap runtime "$RUNTIME_PACKAGES")
+    # uid and gid 999 as in the official images (the Jobs run as 999).
+    chroot "$work/root" sh -ec 'groupmod -g 999 postgres && usermod -u 999 -g 999 postgres
+      chown -R 999:999 /var/lib/postgresql /var/run/postgresql /etc/postgresql /var/log/postgresql'
+    pack "$work" "$tarball"
+  fi
+  docker import "$tarball" "$ref" >/dev/null || die "docker import $ref failed"
+  say "imported $ref"
+}
+
+# docker_build NAME REF DOCKERFILE-TEXT [FILE DEST]...: a small image on top
+# of runtime; the files are hard-linked (or copied) into the build context.
+docker_build() {
+  local name=$1 ref=$2 dockerfile=$3 work
+  shift 3
+  has_image "$ref" && return 0
+  work=$(mktemp -d "${TMPDIR:-/tmp}/fhir-$name-image.XXXXXX")
+  while [ $# -ge 2 ]; do
+    mkdir -p "$work/ctx/$(dirname "$2")"
+    cp -a "$1" "$work/ctx/$2"
+    shift 2
+  done
+  mkdir -p "$work/ctx"
+  printf '%s\n' "$dockerfile" >"$work/ctx/Dockerfile"
+  DOCKER_BUILDKIT=0 docker build -q -t "$ref" "$work/ctx" >"$work/build.log" 2>&1 \
+    || { cat "$work/build.log" >&2; rm -rf "$work"; die "docker build $ref failed"; }
+  rm -rf "$work"
+  say "built $ref"
+}
+
+build_layers() {
+  local runtime
+  runtime=$(ref_of runtime)
+  docker_build postgres "$(ref_of postgres)" "FROM $runtime
+ENV PATH=$PG_BIN:/usr/local/bin:/usr/bin:/bin
+USER 999:999
+CMD [\"postgres\"]"
+  docker_build hfs "$(ref_of hfs)" "FROM $runtime
+COPY hfs /opt/hfs/hfs
+COPY data /opt/hfs/data
+WORKDIR /opt/hfs
+USER 65532:65532
+EXPOSE 8080
+ENTRYPOINT [\"/opt/hfs/hfs\"]" "$(hfs_binary)" hfs "$(dirname "$(hfs_binary)")/data" data
+  if [ -n "$OPERATOR" ]; then
+    docker_build operator "$(ref_of operator)" "FROM $runtime
+COPY fhir-operator /usr/local/bin/fhir-operator
+USER 65532:65532
+ENTRYPOINT [\"/usr/local/bin/fhir-operator\"]" "$OPERATOR" fhir-operator
+  fi
+}
+
+command=build
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then command=$1; shift; fi
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --operator) OPERATOR=$(realpath "$2"); [ -x "$OPERATOR" ] || die "--operator $2: no such executable"; shift 2 ;;
+    *) die "unknown argument $1" ;;
+  esac
+done
+
+case "$command" in
   refs) refs ;;
   build)
     ensure_tools
@@ -164,8 +293,9 @@ case "${1:-build}" in
     ensure_docker
     build_pause
     build_nginx
-    prune pause "$(refs | sed -n 's/^pause=//p')"
-    prune nginx "$(refs | sed -n 's/^nginx=//p')"
+    build_runtime
+    build_layers
+    for name in pause nginx runtime postgres hfs ${OPERATOR:+operator}; do prune "$name" "$(ref_of "$name")"; done
     refs ;;
   *) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2; exit 2 ;;
 esac

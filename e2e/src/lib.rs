@@ -10,6 +10,7 @@
 pub mod control_plane;
 pub mod examples;
 pub mod fault_proxy;
+pub mod fhir_client;
 pub mod helm;
 pub mod hfs;
 pub mod node;

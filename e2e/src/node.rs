@@ -78,15 +78,31 @@ impl NodeBinaries {
 pub struct Images {
     pub pause: String,
     pub nginx: String,
+    /// PostgreSQL 15: database pods and the backup/drill Jobs.
+    pub postgres: String,
+    /// The Helios FHIR Server (`spec.server.flavor: helios`).
+    pub hfs: String,
+    /// The operator binary of this build (gateway-metrics sidecar, backup
+    /// agent); rebuilt whenever the binary changes.
+    pub operator: String,
 }
 
 impl Images {
     /// Builds what is missing (the Docker engine must answer) and returns the references.
     pub fn build() -> Result<Self> {
         let script = crate::crate_dir().join("images.sh");
+        let operator = crate::operator::binary();
+        if !operator.is_file() {
+            bail!(
+                "{} not found: build it first (`cargo build -p fhir-operator`; `make test` does)",
+                operator.display()
+            );
+        }
         let out = Command::new("bash")
             .arg(&script)
             .arg("build")
+            .arg("--operator")
+            .arg(&operator)
             .stderr(Stdio::inherit())
             .output()
             .with_context(|| format!("running {}", script.display()))?;
@@ -100,7 +116,22 @@ impl Images {
                 .map(str::to_owned)
                 .ok_or_else(|| anyhow!("{} printed no `{key}=` line", script.display()))
         };
-        Ok(Self { pause: get("pause")?, nginx: get("nginx")? })
+        Ok(Self {
+            pause: get("pause")?,
+            nginx: get("nginx")?,
+            postgres: get("postgres")?,
+            hfs: get("hfs")?,
+            operator: get("operator")?,
+        })
+    }
+
+    /// The operator's flags that point its children at these images.
+    pub fn operator_args(&self) -> Vec<String> {
+        vec![
+            format!("--gateway-image={}", self.nginx),
+            format!("--sidecar-image={}", self.operator),
+            format!("--postgres-image={}", self.postgres),
+        ]
     }
 }
 

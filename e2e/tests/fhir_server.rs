@@ -22,7 +22,7 @@ use std::net::TcpStream;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fhir_operator::api::{FhirEndpoint, RateLimitTierSpec};
@@ -31,10 +31,11 @@ use fhir_operator::fhirendpoint::build::{self, Images, Inputs, KeySource, NGINX_
 use fhir_operator::fhirendpoint::database::SERVER_CONTAINER;
 use fhir_operator::fhirendpoint::gateway::{self, GatewaySettings};
 use fhir_operator::fhirendpoint::{pod, validate};
+use fhir_operator_e2e::fhir_client::{self, Client, next_link, patient};
 use fhir_operator_e2e::postgres::{self, Postgres};
 use fhir_operator_e2e::{hfs, venv};
 use k8s_openapi::api::core::v1::EnvVar;
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// The key the gateway accepts (256 bits, hex, as the operator issues them).
 const API_KEY: &str = "3c6e0b8a9c15224a8228b9a98ca1531d6b2bd0a2c8a5b1f4e6d7c8b9a0f1e2d3";
@@ -90,18 +91,6 @@ fn unprivileged(program: &Path) -> Command {
     command.args([format!("--reuid={NOBODY}"), format!("--regid={NOBODY}"), "--clear-groups".into(), "--".into()]);
     command.arg(program);
     command
-}
-
-fn run(command: &mut Command) -> Output {
-    let output = command.output().unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "{command:?} failed ({}):\n{}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
 }
 
 fn link_or_copy(from: &Path, to: &Path) {
@@ -274,88 +263,6 @@ fn resolve(env: &[EnvVar]) -> BTreeMap<String, String> {
 }
 
 // ---------------------------------------------------------------------------
-// HTTP through the gateway (curl, trusting only the test's CA)
-
-struct Response {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-    }
-}
-
-struct Client {
-    curl: PathBuf,
-    ca: PathBuf,
-    public_url: String,
-    dir: PathBuf,
-}
-
-impl Client {
-    /// `method` on `path` (relative to the public URL) with `headers`.
-    fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&Value>) -> Response {
-        let head = self.dir.join("response.headers");
-        let out = self.dir.join("response.body");
-        let mut command = Command::new(&self.curl);
-        command
-            .args(["--silent", "--show-error", "--max-time", "60", "--request", method, "--cacert"])
-            .arg(&self.ca)
-            .arg("--dump-header")
-            .arg(&head)
-            .arg("--output")
-            .arg(&out)
-            .args(["--write-out", "%{http_code}"]);
-        for (name, value) in headers {
-            command.arg("--header").arg(format!("{name}: {value}"));
-        }
-        if let Some(body) = body {
-            command.args(["--header", "Content-Type: application/fhir+json", "--data-binary"]).arg(body.to_string());
-        }
-        command.arg(format!("{}{path}", self.public_url));
-        let output = run(&mut command);
-        let status = String::from_utf8_lossy(&output.stdout).trim().parse().expect("status code");
-        let headers = std::fs::read_to_string(&head)
-            .expect("headers")
-            .lines()
-            .filter_map(|l| l.split_once(':').map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned())))
-            .collect();
-        Response { status, headers, body: std::fs::read_to_string(&out).unwrap_or_default() }
-    }
-
-    fn keyed(&self, method: &str, path: &str, body: Option<&Value>) -> Response {
-        self.request(method, path, &[("X-API-Key", API_KEY), ("Accept", "application/fhir+json")], body)
-    }
-}
-
-fn patient(family: &str) -> Value {
-    json!({"resourceType": "Patient", "name": [{"family": family, "given": ["Test"]}],
-        "identifier": [{"system": "urn:fhir-operator:e2e", "value": family}]})
-}
-
-fn next_link(bundle: &Value) -> Option<String> {
-    bundle["link"].as_array()?.iter().find(|l| l["relation"] == "next")?["url"].as_str().map(str::to_owned)
-}
-
-fn python_env(command: &mut Command, ca: &Path) {
-    // The machine points requests (fhirpy) and OpenSSL (httpx, under
-    // sekmet) at the system's CAs; the gateway's certificate comes from the
-    // test's own CA.
-    command
-        .env("REQUESTS_CA_BUNDLE", ca)
-        .env("SSL_CERT_FILE", ca)
-        .env_remove("SSL_CERT_DIR")
-        .env_remove("CURL_CA_BUNDLE");
-}
-
-// ---------------------------------------------------------------------------
 
 #[test]
 fn helios_behind_the_rendered_gateway_serves_fhir_on_the_public_url() {
@@ -462,26 +369,9 @@ fn helios_behind_the_rendered_gateway_serves_fhir_on_the_public_url() {
     std::fs::create_dir_all(gw.join("keys/partners")).expect("gateway dir");
     std::fs::create_dir_all(gw.join("run")).expect("gateway run dir");
     let path = |p: &str| gw.join(p).to_str().expect("UTF-8 path").to_owned();
-    let ca_key = dir.path().join("ca.key");
-    let ca = dir.path().join("ca.crt");
-    run(Command::new(&openssl)
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
-        .args(["-subj", "/CN=fhir-operator e2e CA", "-keyout"])
-        .arg(&ca_key)
-        .arg("-out")
-        .arg(&ca));
-    run(Command::new(&openssl)
-        .args(["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=localhost"])
-        .args(["-keyout", &path("tls.key"), "-out", &path("tls.csr")]));
-    let ext = dir.path().join("ext.cnf");
-    std::fs::write(&ext, "subjectAltName=DNS:localhost,IP:127.0.0.1\n").expect("ext");
-    run(Command::new(&openssl)
-        .args(["x509", "-req", "-days", "1", "-in", &path("tls.csr"), "-CA"])
-        .arg(&ca)
-        .arg("-CAkey")
-        .arg(&ca_key)
-        .args(["-CAcreateserial", "-out", &path("tls.crt"), "-extfile"])
-        .arg(&ext));
+    let certificate = fhir_client::issue_certificate(&openssl, &gw, &["DNS:localhost", "IP:127.0.0.1"])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let ca = certificate.ca.clone();
     std::fs::write(
         gw.join("keys/partners").join(fhir_operator::keyrotation::keys::GATEWAY_MAP_ENTRY),
         gateway::api_keys_map(&[(API_KEY.to_owned(), "partner-a".to_owned())]).expect("key map"),
@@ -512,7 +402,13 @@ fn helios_behind_the_rendered_gateway_serves_fhir_on_the_public_url() {
     proxy.await_port(gateway_port);
     lap("gateway listening", &mut timings);
 
-    let client = Client { curl: curl.clone(), ca: ca.clone(), public_url: public_url.clone(), dir: dir.path().into() };
+    let client = Client {
+        curl: curl.clone(),
+        ca: ca.clone(),
+        public_url: public_url.clone(),
+        api_key: API_KEY.into(),
+        dir: dir.path().into(),
+    };
     // hfs listens before its storage is ready: /metadata answers when it is.
     let ready = Instant::now();
     loop {
@@ -541,13 +437,7 @@ fn helios_behind_the_rendered_gateway_serves_fhir_on_the_public_url() {
     assert!(log.contains("Loaded 1375 SearchParameters"), "hfs read the R4 search parameters:\n{log}");
 
     // -- TLS 1.3 only, and no API key → 401 (never reaching hfs).
-    let old_tls = Command::new(&curl)
-        .args(["--silent", "--tls-max", "1.2", "--cacert"])
-        .arg(&ca)
-        .arg(format!("{public_url}/metadata"))
-        .output()
-        .expect("curl");
-    assert!(!old_tls.status.success(), "TLS 1.2 is refused");
+    assert!(client.tls12_refused(), "TLS 1.2 is refused");
     for headers in [vec![], vec![("X-API-Key", "0".repeat(64))]] {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
         for (method, body) in [("GET", None), ("POST", Some(patient("Nokey")))] {
@@ -605,20 +495,7 @@ fn helios_behind_the_rendered_gateway_serves_fhir_on_the_public_url() {
     lap("search paging", &mut timings);
 
     // -- fhirpy follows every next page through the gateway over TLS.
-    let script = r#"
-import json, sys
-from fhirpy import SyncFHIRClient
-url, key = sys.argv[1], sys.argv[2]
-client = SyncFHIRClient(url, extra_headers={"X-API-Key": key})
-first = client.resources("Patient").limit(1).fetch_raw()
-next_url = [l["url"] for l in first.get("link", []) if l["relation"] == "next"]
-every = client.resources("Patient").limit(1).fetch_all()
-print(json.dumps({"first": len(first.get("entry", [])), "next": next_url, "ids": sorted(p.id for p in every)}))
-"#;
-    let mut command = Command::new(&python);
-    command.args(["-c", script, &public_url, API_KEY]);
-    python_env(&mut command, &ca);
-    let out: Value = serde_json::from_slice(&run(&mut command).stdout).expect("fhirpy's JSON");
+    let out = fhir_client::fhirpy_pages(&python, &public_url, API_KEY, &ca).unwrap_or_else(|e| panic!("{e:#}"));
     ids.sort();
     assert_eq!(out["first"], 1, "{out}");
     assert!(out["next"][0].as_str().is_some_and(|n| n.starts_with(&public_url)), "{out}");
@@ -627,30 +504,12 @@ print(json.dumps({"first": len(first.get("entry", [])), "next": next_url, "ids":
     lap("fhirpy paging", &mut timings);
 
     // -- The sekmet-fhir conformance smoke suite through the gateway.
-    let sekmet_dir = dir.path().join("sekmet");
-    std::fs::create_dir_all(&sekmet_dir).expect("sekmet dir");
-    std::fs::write(
-        sekmet_dir.join("settings.yaml"),
-        format!("db_path: {}\npeers:\n  gateway:\n    base_url: {public_url}\n    headers:\n      X-API-Key: \"{API_KEY}\"\n",
-            sekmet_dir.join("sekmet.db").display()),
-    )
-    .expect("settings");
-    let mut command = Command::new(&sekmet);
-    command
-        .args(["scenario", "run", "conformance_smoke", "--peer", "gateway", "--no-serve", "--report-dir", "reports"])
-        .env("SEKMET_CONFIG", sekmet_dir.join("settings.yaml"))
-        .env("NO_COLOR", "1")
-        .current_dir(&sekmet_dir);
-    python_env(&mut command, &ca);
-    let output = command.output().expect("run sekmet");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
-    eprintln!("{text}");
-    assert!(output.status.success(), "conformance_smoke failed:\n{text}\nhfs:\n{}", server.log());
-    let count = |word: &str| text.lines().filter(|l| l.trim_start().starts_with(word)).count();
-    let (passed, failed) = (count("PASSED"), count("FAILED") + count("ERROR"));
-    assert_eq!(failed, 0, "{text}");
-    assert!(passed >= 14, "conformance_smoke ran its steps: {text}");
-    eprintln!("conformance_smoke: {passed} passed, {} warning, {} skipped", count("WARNING"), count("SKIPPED"));
+    let smoke = fhir_client::conformance_smoke(&sekmet, &dir.path().join("sekmet"), &public_url, API_KEY, &ca)
+        .unwrap_or_else(|e| panic!("{e:#}\nhfs:\n{}", server.log()));
+    eprintln!("{}", smoke.output);
+    assert_eq!(smoke.failed, 0, "{}", smoke.output);
+    assert!(smoke.passed >= 14, "conformance_smoke ran its steps: {}", smoke.output);
+    eprintln!("conformance_smoke: {} passed, {} warning, {} skipped", smoke.passed, smoke.warnings, smoke.skipped);
     lap("conformance_smoke", &mut timings);
 
     let access = std::fs::read_to_string(gw.join("access.log")).unwrap_or_default();

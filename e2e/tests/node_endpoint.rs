@@ -1,0 +1,327 @@
+//! What the operator deploys, running on the local node (kubelet +
+//! dockershim, kube-proxy): a FhirEndpoint's pod with its three containers
+//! (the Helios FHIR Server, the nginx gateway, the gateway-metrics
+//! sidecar) from images built here, reached by real clients through its
+//! Service's ClusterIP over TLS 1.3 with keys read from the key schedule's
+//! Secret.
+//!
+//! Each test starts its own control plane with a node (the node lock makes
+//! them take turns) and the operator binary on the host with its image
+//! flags pointing at the local images.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use fhir_operator::api::{FhirEndpoint, KeyRotationSchedule};
+use fhir_operator_e2e::control_plane::{ControlPlane, Lifetime};
+use fhir_operator_e2e::fhir_client::{self, Client, TestCertificate, next_link, patient};
+use fhir_operator_e2e::node::Images;
+use fhir_operator_e2e::operator::{Operator, grant_rbac};
+use fhir_operator_e2e::{apply_value, client_for, install_crds, venv};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
+use kube::Api;
+use kube::api::{ListParams, LogParams, PostParams};
+use serde_json::{Value, json};
+
+/// A control plane with a node, the operator, and a restricted namespace.
+struct NodeEnv {
+    plane: ControlPlane,
+    client: kube::Client,
+    operator: Operator,
+    images: Images,
+    ns: String,
+    dir: tempfile::TempDir,
+}
+
+impl NodeEnv {
+    async fn start(ns: &str) -> Self {
+        let plane = ControlPlane::start_with_node(None, Lifetime::Owned).expect("control plane with a node");
+        let images = plane.node().expect("a node").images.clone();
+        let client = client_for(plane.kubeconfig()).await.expect("client");
+        install_crds(&client).await.expect("CRDs");
+        grant_rbac(&client).await.expect("RBAC");
+        let args = images.operator_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let operator = Operator::start(&plane.operator_kubeconfig(), &args).expect("operator");
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let namespace = serde_json::from_value(json!({
+            "metadata": {"name": ns, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}
+        }))
+        .unwrap();
+        namespaces.create(&PostParams::default(), &namespace).await.expect("namespace");
+        let sa: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+        wait("the default service account", Duration::from_secs(30), || {
+            let sa = sa.clone();
+            async move { sa.get_opt("default").await.ok()?.map(|_| ()) }
+        })
+        .await;
+        let dir = tempfile::Builder::new().prefix("fhir-node-endpoint-").tempdir().expect("temp dir");
+        NodeEnv { plane, client, operator, images, ns: ns.into(), dir }
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned,
+        K::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    async fn apply(&self, value: Value) {
+        apply_value(&self.client, &self.ns, &value).await;
+    }
+
+    /// Why a test failed, from everything that could say it.
+    async fn diagnose(&self, endpoint: &str) -> String {
+        let mut out = String::new();
+        if let Ok(e) = self.api::<FhirEndpoint>().get(endpoint).await {
+            out += &format!("status: {}\n", serde_json::to_string_pretty(&e.status).unwrap_or_default());
+        }
+        let pods = self.api::<Pod>().list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
+        for pod in pods {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            out += &format!("pod {name}: {}\n", serde_json::to_string(&pod.status).unwrap_or_default());
+            for c in pod.spec.map(|s| s.containers).unwrap_or_default() {
+                let params = LogParams { container: Some(c.name.clone()), tail_lines: Some(20), ..Default::default() };
+                let logs = self.api::<Pod>().logs(&name, &params).await.unwrap_or_else(|e| e.to_string());
+                out += &format!("--- {name}/{}:\n{logs}\n", c.name);
+            }
+        }
+        out + &format!("--- operator:\n{}", tail(&self.operator.logs(), 30))
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+async fn wait<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let check = || {
+        let fut = f();
+        async move { anyhow::Ok(fut.await) }
+    };
+    fhir_operator_e2e::wait_for(what, timeout, check).await.unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+fn tool(name: &str) -> PathBuf {
+    ["/usr/bin", "/bin", "/usr/sbin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("`{name}` is not installed; `make deps` installs it"))
+}
+
+/// `(status, reason)` of the endpoint's condition `type_`.
+fn condition(endpoint: &FhirEndpoint, type_: &str) -> Option<(String, String)> {
+    let conditions = &endpoint.status.as_ref()?.conditions;
+    conditions.iter().find(|c| c.type_ == type_).map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+/// The endpoint's Service's ClusterIP, once the operator made it.
+async fn cluster_ip(env: &NodeEnv, endpoint: &str) -> String {
+    let services = env.api::<Service>();
+    wait("the endpoint's Service", Duration::from_secs(60), || {
+        let services = services.clone();
+        async move { services.get_opt(endpoint).await.ok()??.spec?.cluster_ip }
+    })
+    .await
+}
+
+/// A kubernetes.io/tls Secret for `ip` from a fresh test CA.
+async fn tls_secret(env: &NodeEnv, name: &str, ip: &str) -> TestCertificate {
+    let certificate = fhir_client::issue_certificate(&tool("openssl"), env.dir.path(), &[&format!("IP:{ip}")])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let read = |p: &Path| ByteString(std::fs::read(p).expect("certificate file"));
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(
+            [("tls.crt".to_owned(), read(&certificate.cert)), ("tls.key".to_owned(), read(&certificate.key))].into(),
+        ),
+        ..Default::default()
+    };
+    env.api::<Secret>().create(&PostParams::default(), &secret).await.expect("TLS Secret");
+    certificate
+}
+
+/// The key a client reads from the schedule's Secret right now.
+async fn current_key(env: &NodeEnv, schedule: &str, client_id: &str) -> Option<String> {
+    let krs = env.api::<KeyRotationSchedule>().get(schedule).await.ok()?;
+    let secret = env.api::<Secret>().get(&fhir_operator::keyrotation::secret::secret_name(&krs)).await.ok()?;
+    let data = secret.data?;
+    let key = data.get(&format!("current.client.{client_id}"))?;
+    String::from_utf8(key.0.clone()).ok()
+}
+
+/// Waits until the endpoint is Ready=True (reason Available), and returns
+/// its single running pod with every container ready.
+async fn ready_pod(env: &NodeEnv, endpoint: &str, timeout: Duration) -> Pod {
+    let endpoints = env.api::<FhirEndpoint>();
+    let pods = env.api::<Pod>();
+    let waited = tokio::time::timeout(timeout, async {
+        loop {
+            let e = endpoints.get(endpoint).await.ok();
+            let ready = e.as_ref().and_then(|e| condition(e, "Ready")) == Some(("True".into(), "Available".into()));
+            let selector = format!("app.kubernetes.io/instance={endpoint}");
+            let list = pods.list(&ListParams::default().labels(&selector)).await.map(|l| l.items).unwrap_or_default();
+            let running: Vec<Pod> = list.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+            if ready && running.len() == 1 {
+                let statuses =
+                    running[0].status.as_ref().and_then(|s| s.container_statuses.clone()).unwrap_or_default();
+                if statuses.len() == 3 && statuses.iter().all(|s| s.ready) {
+                    return running[0].clone();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await;
+    match waited {
+        Ok(pod) => pod,
+        Err(_) => panic!(
+            "{endpoint} not Ready with one pod of 3 ready containers within {timeout:?}:\n{}",
+            env.diagnose(endpoint).await
+        ),
+    }
+}
+
+fn key_schedule(name: &str, clients: &[&str], interval: &str, grace: &str) -> Value {
+    json!({"apiVersion": "fhiroperator.io/v1alpha1", "kind": "KeyRotationSchedule",
+           "metadata": {"name": name},
+           "spec": {"algorithm": "api-key", "clients": clients, "interval": interval, "gracePeriod": grace}})
+}
+
+fn endpoint(name: &str, image: &str, public_url: Option<&str>, tls_secret: Option<&str>, extra: Value) -> Value {
+    let mut spec = json!({
+        "server": {"flavor": "helios", "image": image, "replicas": 1,
+                   "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}}},
+        "auth": {"apiKeys": ["clients"]},
+    });
+    if let Some(url) = public_url {
+        spec["publicUrl"] = json!(url);
+    }
+    if let Some(secret) = tls_secret {
+        spec["tls"] = json!({"secretName": secret});
+    }
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    json!({"apiVersion": "fhiroperator.io/v1alpha1", "kind": "FhirEndpoint", "metadata": {"name": name}, "spec": spec})
+}
+
+/// Creates the endpoint, then gives it a certificate for its ClusterIP and
+/// that address as its public URL (the Service's address is known only
+/// once the operator made it). Returns a curl client on the public URL.
+async fn serve_on_cluster_ip(env: &NodeEnv, name: &str, extra: Value) -> (Client, Pod) {
+    env.apply(key_schedule("clients", &["portal"], "720h", "1h")).await;
+    env.apply(endpoint(name, &env.images.hfs, None, None, extra.clone())).await;
+    let ip = cluster_ip(env, name).await;
+    let public_url = format!("https://{ip}");
+    let certificate = tls_secret(env, &format!("{name}-public-tls"), &ip).await;
+    env.apply(endpoint(name, &env.images.hfs, Some(&public_url), Some(&format!("{name}-public-tls")), extra)).await;
+    let pod = ready_pod(env, name, Duration::from_secs(180)).await;
+    let api_key = wait("the client's key in the schedule's Secret", Duration::from_secs(30), || {
+        current_key(env, "clients", "portal")
+    })
+    .await;
+    let client = Client { curl: tool("curl"), ca: certificate.ca, public_url, api_key, dir: env.dir.path().to_owned() };
+    (client, pod)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_runs_on_the_node_and_serves_fhir_over_tls_13_through_its_cluster_ip() {
+    let t0 = Instant::now();
+    let env = NodeEnv::start("node-endpoint").await;
+    let started = t0.elapsed();
+    let t = Instant::now();
+    let (client, pod) = serve_on_cluster_ip(&env, "fhir", json!({})).await;
+    let ready = t.elapsed();
+
+    // The pod: three containers, from the local images, all ready.
+    let spec = pod.spec.clone().unwrap();
+    let images: Vec<(String, String)> =
+        spec.containers.iter().map(|c| (c.name.clone(), c.image.clone().unwrap_or_default())).collect();
+    assert_eq!(images.len(), 3, "{images:?}");
+    for image in [&env.images.hfs, &env.images.nginx, &env.images.operator] {
+        assert!(images.iter().any(|(_, i)| i == image), "{image} runs: {images:?}");
+    }
+    assert_eq!(spec.node_name.as_deref(), Some(env.plane.node().unwrap().name.as_str()));
+
+    // Through the ClusterIP: the CapabilityStatement with the key, 401
+    // without, and no TLS 1.2.
+    let t = Instant::now();
+    let metadata = wait("the CapabilityStatement through the ClusterIP", Duration::from_secs(30), || async {
+        let r = client.try_request("GET", "/metadata", &[("X-API-Key", &client.api_key)], None).ok()?;
+        (r.status == 200).then_some(r)
+    })
+    .await;
+    assert_eq!(metadata.json()["resourceType"], "CapabilityStatement");
+    let answered = t.elapsed();
+    for headers in [vec![], vec![("X-API-Key", "0".repeat(43))]] {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let r = client.request("GET", "/Patient", &headers, None);
+        assert_eq!(r.status, 401, "without a valid key: {}", r.body);
+    }
+    assert!(client.tls12_refused(), "TLS 1.2 is refused");
+
+    // FHIR: creates answer with a Location on the public URL; a real client
+    // follows next pages over https; the conformance smoke suite passes.
+    let mut ids = Vec::new();
+    for family in ["Abbott", "Baker", "Carter"] {
+        let r = client.keyed("POST", "/Patient", Some(&patient(family)));
+        assert_eq!(r.status, 201, "create {family}: {}", r.body);
+        let location = r.header("Location").unwrap_or_else(|| panic!("no Location: {:?}", r.headers));
+        assert!(location.starts_with(&format!("{}/Patient/", client.public_url)), "Location {location}");
+        ids.push(r.json()["id"].as_str().expect("id").to_owned());
+    }
+    let page = client.keyed("GET", "/Patient?_count=1", None);
+    let next = next_link(&page.json()).unwrap_or_else(|| panic!("no next link: {}", page.body));
+    assert!(next.starts_with(&format!("{}/", client.public_url)), "next {next}");
+    let python = venv::tool("python").unwrap_or_else(|e| panic!("{e:#}"));
+    let out = fhir_client::fhirpy_pages(&python, &client.public_url, &client.api_key, &client.ca)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    ids.sort();
+    assert_eq!(out["ids"], json!(ids), "fhirpy followed every page: {out}");
+    let sekmet = venv::tool("sekmet").unwrap_or_else(|e| panic!("{e:#}"));
+    let smoke = fhir_client::conformance_smoke(
+        &sekmet,
+        &env.dir.path().join("sekmet"),
+        &client.public_url,
+        &client.api_key,
+        &client.ca,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(smoke.failed, 0, "{}", smoke.output);
+    assert!(smoke.passed >= 14, "conformance_smoke ran its steps: {}", smoke.output);
+
+    // The canary: the key is in no pod log, and in no container's
+    // environment as the kubelet sees it (keys are mounted files).
+    let pods = env.api::<Pod>();
+    let name = pod.metadata.name.clone().unwrap();
+    for c in &spec.containers {
+        let params = LogParams { container: Some(c.name.clone()), ..Default::default() };
+        let logs = pods.logs(&name, &params).await.expect("logs");
+        assert!(!logs.contains(&client.api_key), "the key is in the {} container's log", c.name);
+        let env_text = serde_json::to_string(&c.env).unwrap();
+        assert!(!env_text.contains(&client.api_key), "the key is in the {} container's env", c.name);
+    }
+    let deployment = env.api::<Deployment>().get("fhir").await.expect("deployment");
+    assert!(!serde_json::to_string(&deployment).unwrap().contains(&client.api_key));
+
+    println!(
+        "node endpoint: control plane + node + operator {started:.1?}, endpoint Ready (pod of 3 containers) \
+         {ready:.1?}, CapabilityStatement through the ClusterIP {answered:.1?}; conformance_smoke {} passed, \
+         {} warnings, {} skipped; fhirpy followed {} pages",
+        smoke.passed,
+        smoke.warnings,
+        smoke.skipped,
+        ids.len()
+    );
+}
