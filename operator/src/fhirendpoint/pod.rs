@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    ExecAction, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -29,6 +30,24 @@ use crate::meta::hash_of;
 pub const RUN_AS: i64 = 65532;
 
 const CONF_DIR: &str = "/etc/fhir-gateway/conf";
+/// The gateway's writable directory (an emptyDir): pid file, temp files.
+const GATEWAY_TMP: &str = "/tmp";
+/// How long a terminating pod's gateway keeps serving before it stops
+/// taking connections: the time the pod's removal from the Service's
+/// endpoints takes to reach every node's proxy. Without it, clients of a
+/// rolling update (a key rotation, a tier edit) see refused and reset
+/// connections.
+pub const GATEWAY_DRAIN_SECONDS: u32 = 10;
+/// How long a terminating pod's Helios server keeps serving: past the
+/// gateway's drain, so that requests the gateway still takes reach it.
+pub const SERVER_DRAIN_SECONDS: u32 = GATEWAY_DRAIN_SECONDS + 5;
+
+fn pre_stop(command: Vec<String>) -> Lifecycle {
+    Lifecycle {
+        pre_stop: Some(LifecycleHandler { exec: Some(ExecAction { command: Some(command) }), ..Default::default() }),
+        ..Default::default()
+    }
+}
 const TLS_DIR: &str = "/etc/fhir-gateway/tls";
 const KEYS_DIR: &str = "/etc/fhir-gateway/keys";
 
@@ -47,7 +66,7 @@ pub fn gateway_settings(limits: Limits) -> GatewaySettings {
         // is not an error for nginx, so an endpoint without keys still starts
         // (and answers 401 to everyone).
         api_keys_map: format!("{KEYS_DIR}/*/api-keys.map"),
-        temp_dir: "/tmp".into(),
+        temp_dir: GATEWAY_TMP.into(),
         access_log: "/dev/stdout".into(),
         access_log_syslog: Some(gateway::SYSLOG_ADDRESS.into()),
         limits,
@@ -183,11 +202,23 @@ fn fhir_server(v: &Validated<'_>) -> (Container, Vec<Volume>) {
         startup_probe: Some(http_probe(&metadata, "fhir", "HTTP", startup_delay, 28)),
         readiness_probe: Some(http_probe(&metadata, "fhir", "HTTP", 0, 3)),
         liveness_probe: Some(http_probe(&metadata, "fhir", "HTTP", 0, 6)),
+        lifecycle: server_lifecycle(v.flavor),
         security_context: Some(restricted_container()),
         volume_mounts: Some(mounts),
         ..Default::default()
     };
     (container, volumes)
+}
+
+/// hfs stops at once on SIGTERM: it sleeps through the gateway's drain
+/// first (its image must have `sleep`, as Debian-based images do). HAPI's
+/// image has no shell or `sleep` (distroless): its server gets SIGTERM when
+/// the gateway starts draining, as before.
+fn server_lifecycle(flavor: ServerFlavor) -> Option<Lifecycle> {
+    match flavor {
+        ServerFlavor::Hapi => None,
+        ServerFlavor::Helios => Some(pre_stop(vec!["sleep".into(), SERVER_DRAIN_SECONDS.to_string()])),
+    }
 }
 
 /// Where hfs keeps its embedded (SQLite) database.
@@ -273,7 +304,7 @@ pub(crate) fn ca_volume(secret: &str) -> Volume {
 
 fn gateway_container(image: &str, inputs: &Inputs) -> Container {
     let mut mounts =
-        vec![mount("gateway-config", CONF_DIR), mount("gateway-tls", TLS_DIR), writable("gateway-tmp", "/tmp")];
+        vec![mount("gateway-config", CONF_DIR), mount("gateway-tls", TLS_DIR), writable("gateway-tmp", GATEWAY_TMP)];
     mounts.extend(inputs.keys.iter().map(|k| mount(&key_volume(&k.schedule), &format!("{KEYS_DIR}/{}", k.schedule))));
     Container {
         name: "gateway".into(),
@@ -284,6 +315,17 @@ fn gateway_container(image: &str, inputs: &Inputs) -> Container {
         resources: Some(resources(&[("cpu", "100m"), ("memory", "64Mi")], &[("memory", "256Mi")])),
         readiness_probe: Some(http_probe("/healthz", "https", "HTTPS", 0, 3)),
         liveness_probe: Some(http_probe("/healthz", "https", "HTTPS", 10, 6)),
+        // Keep serving while the endpoints update, then quit gracefully
+        // (in-flight requests finish; SIGTERM would cut them) and wait for
+        // the master to go.
+        lifecycle: Some(pre_stop(vec![
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "sleep {GATEWAY_DRAIN_SECONDS}; nginx -c {CONF_DIR}/{NGINX_CONF_KEY} -s quit; \
+                 while [ -e {GATEWAY_TMP}/nginx.pid ]; do sleep 0.2; done"
+            ),
+        ])),
         security_context: Some(restricted_container()),
         volume_mounts: Some(mounts),
         ..Default::default()
@@ -390,5 +432,56 @@ pub fn deployment(v: &Validated<'_>, metadata: ObjectMeta, inputs: &Inputs, conf
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// Whether the Deployment's rollout is complete, as `kubectl rollout status`
+/// decides it: the controller saw the latest template, `wanted` pods run
+/// it, none of an older template is left, and every updated pod is
+/// available. Ready pods alone prove nothing: during a rollout the old pod
+/// is still ready while the new one starts.
+pub fn rollout_complete(deployment: &Deployment, wanted: i32) -> bool {
+    let Some(status) = &deployment.status else { return false };
+    let updated = status.updated_replicas.unwrap_or(0);
+    deployment.metadata.generation <= status.observed_generation
+        && updated >= wanted
+        && status.replicas.unwrap_or(0) <= updated
+        && status.available_replicas.unwrap_or(0) >= updated
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::apps::v1::DeploymentStatus;
+
+    use super::*;
+
+    fn deployment(generation: i64, observed: i64, replicas: i32, updated: i32, available: i32) -> Deployment {
+        Deployment {
+            metadata: ObjectMeta { generation: Some(generation), ..Default::default() },
+            status: Some(DeploymentStatus {
+                observed_generation: Some(observed),
+                replicas: Some(replicas),
+                updated_replicas: Some(updated),
+                ready_replicas: Some(available),
+                available_replicas: Some(available),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_rollout_is_complete_only_once_no_old_pod_is_left_and_the_new_ones_are_available() {
+        // The new template not yet seen by the Deployment controller.
+        assert!(!rollout_complete(&deployment(3, 2, 1, 1, 1), 1));
+        // Seen: the new pod starts, the old one is still ready and available.
+        assert!(!rollout_complete(&deployment(3, 3, 2, 1, 1), 1));
+        // The new pod available, the old one not yet gone.
+        assert!(!rollout_complete(&deployment(3, 3, 2, 1, 2), 1));
+        // Only the new pod left, not yet available.
+        assert!(!rollout_complete(&deployment(3, 3, 1, 1, 0), 1));
+        assert!(rollout_complete(&deployment(3, 3, 1, 1, 1), 1));
+        assert!(rollout_complete(&deployment(3, 3, 2, 2, 2), 2));
+        assert!(!rollout_complete(&Deployment::default(), 1));
     }
 }

@@ -21,7 +21,7 @@ use super::compliance::{self, BackupFact, Facts, KeyScheduleFact, TlsFact};
 use super::database::{self, CA_KEY};
 use super::monitoring::{PrometheusRule, ServiceMonitor};
 use super::validate::{InvalidSpec, Validated, validate};
-use super::{network, tls};
+use super::{network, pod, tls};
 use crate::api::{
     BackupOutcome, BackupPolicy, FhirEndpoint, FhirEndpointStatus, KeyAlgorithm, KeyRotationSchedule,
     KeyVersionsInForce, RateLimitTier, SslMode, condition, reason,
@@ -233,10 +233,7 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
     status.compliance = compliance;
 
     let wanted = ep.spec.server.replicas;
-    let rolled_out = applied.deployment.metadata.generation <= deployment.observed_generation
-        && deployment.updated_replicas.unwrap_or(0) >= wanted
-        && deployment.ready_replicas.unwrap_or(0) >= wanted
-        && deployment.available_replicas.unwrap_or(0) >= wanted;
+    let rolled_out = pod::rollout_complete(&applied.deployment, wanted);
     let missing_key_schedule = facts.key_schedules.iter().find(|k| !k.found).map(|k| k.name.clone());
     let ready = match (&facts.tls, &missing_key_schedule) {
         (TlsFact::Unusable { reason, .. }, _) => {
