@@ -32,6 +32,7 @@ impl Response {
 
 /// curl against `public_url`, trusting only `ca`, with `api_key` for
 /// [`Client::keyed`]. Scratch files go to `dir`.
+#[derive(Debug, Clone)]
 pub struct Client {
     pub curl: PathBuf,
     pub ca: PathBuf,

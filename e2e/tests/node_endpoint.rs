@@ -325,3 +325,167 @@ async fn an_endpoint_runs_on_the_node_and_serves_fhir_over_tls_13_through_its_cl
         ids.len()
     );
 }
+
+/// One request of the load: when it was sent, the key's version, and what
+/// came back.
+#[derive(Debug, Clone)]
+struct Sent {
+    at: Duration,
+    outcome: Result<u16, String>,
+}
+
+/// Sends GET /metadata at `per_second` with the key `key` holds (updated by
+/// the caller as a client re-reading the Secret would), until `stop`.
+fn load(
+    client: Client,
+    key: std::sync::Arc<std::sync::Mutex<String>>,
+    per_second: u32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<Sent>> {
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let period = Duration::from_secs(1) / per_second;
+        let mut sent = Vec::new();
+        let mut next = Instant::now();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let key = key.lock().unwrap().clone();
+            let at = start.elapsed();
+            let outcome = client
+                .try_request("GET", "/metadata", &[("X-API-Key", &key)], None)
+                .map(|r| r.status)
+                .map_err(|e| format!("{e:#}").lines().last().unwrap_or_default().to_owned());
+            sent.push(Sent { at, outcome });
+            next += period;
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+        sent
+    })
+}
+
+/// `n` requests as fast as curl goes: how many got 200 and how many 429.
+fn burst(client: &Client, n: usize) -> (usize, usize) {
+    let statuses: Vec<u16> = (0..n).map(|_| client.keyed("GET", "/metadata", None).status).collect();
+    (statuses.iter().filter(|s| **s == 200).count(), statuses.iter().filter(|s| **s == 429).count())
+}
+
+/// Waits until the Deployment's rollout of a template other than `old` is
+/// complete: returns the new template's ReplicaSet hash.
+async fn rolled(env: &NodeEnv, name: &str, old: &str, timeout: Duration) -> String {
+    let deployments = env.api::<Deployment>();
+    let pods = env.api::<Pod>();
+    wait("the rollout", timeout, || {
+        let (deployments, pods) = (deployments.clone(), pods.clone());
+        async move {
+            let d = deployments.get(name).await.ok()?;
+            let status = d.status.clone()?;
+            let done = status.observed_generation == d.metadata.generation
+                && status.updated_replicas == Some(1)
+                && status.replicas == Some(1)
+                && status.available_replicas == Some(1);
+            if !done {
+                return None;
+            }
+            let selector = format!("app.kubernetes.io/instance={name}");
+            let list = pods.list(&ListParams::default().labels(&selector)).await.ok()?.items;
+            let hashes: Vec<String> =
+                list.iter().filter_map(|p| p.metadata.labels.as_ref()?.get("pod-template-hash").cloned()).collect();
+            (hashes.len() == 1 && hashes[0] != old).then(|| hashes[0].clone())
+        }
+    })
+    .await
+}
+
+fn template_hash(pod: &Pod) -> String {
+    pod.metadata.labels.as_ref().and_then(|l| l.get("pod-template-hash").cloned()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rotate_twice_under_load_without_a_failed_request_and_a_tier_edit_is_enforced_by_new_pods() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let env = NodeEnv::start("node-rotation").await;
+    let tier = |rps: u32| {
+        json!({"apiVersion": "fhiroperator.io/v1alpha1", "kind": "RateLimitTier",
+               "metadata": {"name": "node-e2e"}, "spec": {"requestsPerSecond": rps, "burst": 1}})
+    };
+    env.apply(tier(1000)).await;
+    let extra = json!({"rateLimit": {"tier": "node-e2e"}});
+    let (client, pod) = serve_on_cluster_ip(&env, "fhir", extra.clone()).await;
+
+    // -- Two rotations while a client sends 20 requests a second with the
+    // key that is current in the Secret, re-read every 500 ms.
+    let key = Arc::new(Mutex::new(client.api_key.clone()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = load(client.clone(), key.clone(), 20, stop.clone());
+    let reader = {
+        let (key, stop) = (key.clone(), stop.clone());
+        let env_client = env.client.clone();
+        let ns = env.ns.clone();
+        tokio::spawn(async move {
+            let krs: Api<KeyRotationSchedule> = Api::namespaced(env_client.clone(), &ns);
+            let secrets: Api<Secret> = Api::namespaced(env_client, &ns);
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(schedule) = krs.get("clients").await
+                    && let Ok(secret) = secrets.get(&fhir_operator::keyrotation::secret::secret_name(&schedule)).await
+                    && let Some(k) = secret.data.as_ref().and_then(|d| d.get("current.client.portal"))
+                {
+                    let k = String::from_utf8_lossy(&k.0).into_owned();
+                    if !seen.contains(&k) {
+                        seen.push(k.clone());
+                    }
+                    *key.lock().unwrap() = k;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            seen.len()
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let t_rotation = Instant::now();
+    env.apply(key_schedule("clients", &["portal"], "20s", "10s")).await;
+    let krs_api = env.api::<KeyRotationSchedule>();
+    wait("two rotations, complete", Duration::from_secs(240), || {
+        let krs_api = krs_api.clone();
+        async move {
+            let s = krs_api.get("clients").await.ok()?.status?;
+            (s.current_version? >= 3 && s.rotation.is_none()).then_some(())
+        }
+    })
+    .await;
+    env.apply(key_schedule("clients", &["portal"], "720h", "10s")).await;
+    let rotations_took = t_rotation.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.join().expect("load thread");
+    let keys_seen = reader.await.expect("key reader");
+    let failed: Vec<&Sent> = sent.iter().filter(|s| s.outcome != Ok(200)).collect();
+    println!(
+        "rotation under load: 2 rotations in {rotations_took:.1?}; {} requests at 20/s over {:.1?} with \
+         {keys_seen} keys, {} failed",
+        sent.len(),
+        sent.last().map(|s| s.at).unwrap_or_default(),
+        failed.len()
+    );
+    assert!(keys_seen >= 3, "the client saw the keys of versions 1, 2 and 3: {keys_seen}");
+    assert!(failed.is_empty(), "failed requests during the rotations: {failed:?}\n{}", env.diagnose("fhir").await);
+
+    // -- A tier edit rolls the pods, and the new pods enforce the new rate.
+    let api_key = current_key(&env, "clients", "portal").await.expect("current key");
+    let client = Client { api_key, ..client };
+    let before = template_hash(&ready_pod(&env, "fhir", Duration::from_secs(60)).await);
+    assert_ne!(before, template_hash(&pod), "the rotations rolled the pod");
+    let (ok, limited) = burst(&client, 20);
+    assert_eq!((ok, limited), (20, 0), "1000/s: nothing limited");
+    env.apply(tier(1)).await;
+    let t_tier = Instant::now();
+    let after = rolled(&env, "fhir", &before, Duration::from_secs(120)).await;
+    let tier_rolled = t_tier.elapsed();
+    let (ok, limited) = burst(&client, 20);
+    println!("tier 1000/s -> 1/s: rolled in {tier_rolled:.1?}; 20 requests at once: {ok} answered, {limited} got 429");
+    assert!(
+        limited >= 15 && ok >= 1,
+        "1/s with burst 1: most of 20 requests at once are refused ({ok} ok, {limited} 429)"
+    );
+    assert_ne!(after, before);
+}
