@@ -8,6 +8,12 @@ use k8s_openapi::jiff::Timestamp;
 /// advancing one in tests.
 pub trait Clock: Send + Sync {
     fn now(&self) -> Timestamp;
+
+    /// How long to really wait for `wait` to pass on this clock (a requeue
+    /// is a real-time wait).
+    fn real_wait(&self, wait: std::time::Duration) -> std::time::Duration {
+        wait
+    }
 }
 
 /// The system clock.
@@ -35,6 +41,10 @@ impl Clock for FastClock {
         let elapsed = real.duration_since(self.origin);
         let fast = elapsed.checked_mul(i32::try_from(self.rate).unwrap_or(i32::MAX)).unwrap_or(elapsed);
         self.origin.checked_add(fast).unwrap_or(real)
+    }
+
+    fn real_wait(&self, wait: std::time::Duration) -> std::time::Duration {
+        wait / self.rate.max(1)
     }
 }
 
@@ -97,6 +107,15 @@ mod tests {
 
     fn at(secs: i64) -> Timestamp {
         Timestamp::from_second(1_700_000_000 + secs).unwrap()
+    }
+
+    #[test]
+    fn a_fast_clock_waits_its_rate_times_less_in_real_time() {
+        let wait = std::time::Duration::from_secs(1800);
+        assert_eq!(SystemClock.real_wait(wait), wait);
+        let fast = FastClock { origin: at(0), rate: 60 };
+        assert_eq!(fast.real_wait(wait), std::time::Duration::from_secs(30));
+        assert_eq!(FastClock { origin: at(0), rate: 0 }.real_wait(wait), wait);
     }
 
     #[test]

@@ -235,7 +235,7 @@ async fn run(policy: &BackupPolicy, ctx: &Context) -> Result<Action, Error> {
         publish(ctx, policy, type_, step.reason(), step.to_string()).await;
     }
     Ok(match plan.wake_at {
-        Some(at) => Action::requeue(schedule::wait_until(now, at)),
+        Some(at) => Action::requeue(ctx.clock.real_wait(schedule::wait_until(now, at))),
         None => Action::await_change(),
     })
 }

@@ -188,7 +188,7 @@ async fn run(krs: &KeyRotationSchedule, ctx: &Context) -> Result<Action, Error> 
         publish(ctx, krs, type_, step.reason(), step.to_string()).await;
     }
     Ok(match plan.wake_at {
-        Some(at) => Action::requeue(schedule::wait_until(now, at)),
+        Some(at) => Action::requeue(ctx.clock.real_wait(schedule::wait_until(now, at))),
         None => Action::await_change(),
     })
 }
