@@ -180,7 +180,7 @@ impl ControlPlane {
         let node_binaries = if with_node { Some(crate::node::NodeBinaries::discover()?) } else { None };
         let parent = parent.map(Path::to_owned).unwrap_or_else(std::env::temp_dir);
         fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-        reap_stale_dirs(&parent);
+        reap_stale_dirs(&parent, false);
         let dir = tempfile::Builder::new()
             .prefix("fhir-control-plane-")
             .tempdir_in(&parent)
@@ -603,8 +603,11 @@ fn read_pids(dir: &Path) -> Result<Vec<(String, u32)>> {
 }
 
 /// Removes control plane directories under `parent` whose processes are all
-/// gone (left by test processes that were killed).
-pub fn reap_stale_dirs(parent: &Path) {
+/// gone (left by test processes that were killed). A dead node's leftovers
+/// are undone only while no other node runs: with `wait_for_node`, this
+/// waits for the node lock (`down` of a directory the user named);
+/// otherwise such a directory is left for a later call.
+pub fn reap_stale_dirs(parent: &Path, wait_for_node: bool) {
     let Ok(entries) = fs::read_dir(parent) else { return };
     for entry in entries.flatten() {
         let path = entry.path();
@@ -617,7 +620,8 @@ pub fn reap_stale_dirs(parent: &Path) {
             // them, but only while no other node runs (its chains are not
             // in the dead one's baseline); otherwise leave the directory.
             let _lock = if path.join(crate::node::STATE_FILE).exists() {
-                match crate::node::try_lock() {
+                let lock = if wait_for_node { crate::node::lock().ok() } else { crate::node::try_lock() };
+                match lock {
                     Some(lock) => Some(lock),
                     None => continue,
                 }

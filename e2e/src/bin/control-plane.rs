@@ -129,9 +129,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             // Leftovers of test processes that were killed (their processes
             // are gone; a node's containers, chains and mounts may not be).
-            for parent in [dir.clone(), std::env::temp_dir()] {
-                control_plane::reap_stale_dirs(&parent);
-            }
+            // The named directory's leftovers wait for another node to end;
+            // the temp dir's are left for later while one runs.
+            control_plane::reap_stale_dirs(&dir, true);
+            control_plane::reap_stale_dirs(&std::env::temp_dir(), false);
         }
         Cmd::Env => {
             let running =
