@@ -36,14 +36,15 @@ struct NodeEnv {
 }
 
 impl NodeEnv {
-    async fn start(ns: &str) -> Self {
+    async fn start(ns: &str, operator_args: &[&str]) -> Self {
         let plane = ControlPlane::start_with_node(None, Lifetime::Owned).expect("control plane with a node");
         let images = plane.node().expect("a node").images.clone();
         let client = client_for(plane.kubeconfig()).await.expect("client");
         install_crds(&client).await.expect("CRDs");
         grant_rbac(&client).await.expect("RBAC");
         let args = images.operator_args();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.extend(operator_args);
         let operator = Operator::start(&plane.operator_kubeconfig(), &args).expect("operator");
         let namespaces: Api<Namespace> = Api::all(client.clone());
         let namespace = serde_json::from_value(json!({
@@ -238,7 +239,7 @@ async fn serve_on_cluster_ip(env: &NodeEnv, name: &str, extra: Value) -> (Client
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_runs_on_the_node_and_serves_fhir_over_tls_13_through_its_cluster_ip() {
     let t0 = Instant::now();
-    let env = NodeEnv::start("node-endpoint").await;
+    let env = NodeEnv::start("node-endpoint", &[]).await;
     let started = t0.elapsed();
     let t = Instant::now();
     let (client, pod) = serve_on_cluster_ip(&env, "fhir", json!({})).await;
@@ -403,7 +404,7 @@ fn template_hash(pod: &Pod) -> String {
 async fn keys_rotate_twice_under_load_without_a_failed_request_and_a_tier_edit_is_enforced_by_new_pods() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
-    let env = NodeEnv::start("node-rotation").await;
+    let env = NodeEnv::start("node-rotation", &[]).await;
     let tier = |rps: u32| {
         json!({"apiVersion": "fhiroperator.io/v1alpha1", "kind": "RateLimitTier",
                "metadata": {"name": "node-e2e"}, "spec": {"requestsPerSecond": rps, "burst": 1}})
@@ -488,4 +489,157 @@ async fn keys_rotate_twice_under_load_without_a_failed_request_and_a_tier_edit_i
         "1/s with burst 1: most of 20 requests at once are refused ({ok} ok, {limited} 429)"
     );
     assert_ne!(after, before);
+}
+
+/// Applies a manifest of `e2e/manifests/`, its placeholders replaced.
+async fn apply_manifest(env: &NodeEnv, text: &str, replace: &[(&str, &str)]) {
+    let text = replace.iter().fold(text.to_owned(), |t, (from, to)| t.replace(from, to));
+    for doc in text.split("\n---\n") {
+        let value: Value = serde_yaml::from_str(doc).expect("manifest YAML");
+        if value["kind"] == "PersistentVolume" {
+            let volumes: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(env.client.clone());
+            let pv = serde_json::from_value(value).expect("PersistentVolume");
+            volumes.create(&PostParams::default(), &pv).await.expect("PersistentVolume");
+        } else {
+            env.apply(value).await;
+        }
+    }
+}
+
+/// PostgreSQL 15 in a restricted pod (`e2e/manifests/postgres.yaml`, as
+/// `make demo` runs it): the Secret patients-db-credentials's user owns
+/// the database `fhir`.
+async fn postgres_pod(env: &NodeEnv) {
+    let manifest = include_str!("../manifests/postgres.yaml");
+    apply_manifest(env, manifest, &[("IMAGE", &env.images.postgres)]).await;
+}
+
+/// The claim `fhir-backups` on a host directory owned by the Jobs' uid 999
+/// (`e2e/manifests/backup-volume.yaml`): the backups' destination, readable
+/// here.
+async fn host_volume(env: &NodeEnv) -> PathBuf {
+    let dir = env.dir.path().join("backups");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(999), Some(999)).unwrap();
+    let manifest = include_str!("../manifests/backup-volume.yaml");
+    apply_manifest(env, manifest, &[("NAMESPACE", &env.ns), ("HOST_DIR", dir.to_str().unwrap())]).await;
+    dir
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_backup_and_a_restore_drill_run_in_pods_against_the_database_pod() {
+    use fhir_operator::api::{BackupPolicy, ComplianceCheck, ComplianceStatus};
+    // Cron slots at 60 times real time: "*/30 * * * *" is every 30 s.
+    let origin = k8s_openapi::jiff::Timestamp::now().to_string();
+    let clock = [format!("--backup-clock-origin={origin}"), "--backup-clock-rate=60".into()];
+    let clock: Vec<&str> = clock.iter().map(String::as_str).collect();
+    let env = NodeEnv::start("node-backup", &clock).await;
+
+    // The database: PostgreSQL 15 in a pod, reached by its ClusterIP (the
+    // node runs no cluster DNS).
+    env.apply(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "patients-db-credentials"},
+                     "stringData": {"username": "fhir", "password": "s3cret:p@ss/word"}}))
+        .await;
+    postgres_pod(&env).await;
+    let db_ip = cluster_ip(&env, "patients-db").await;
+    let database = json!({"database": {"host": db_ip, "name": "fhir", "credentialsSecret": "patients-db-credentials",
+                                       "sslMode": "disable"}});
+    let (client, _) = serve_on_cluster_ip(&env, "patients", database).await;
+    // Real FHIR data in the database, through the gateway.
+    for family in ["Abbott", "Baker", "Carter", "Dalton"] {
+        let r = client.keyed("POST", "/Patient", Some(&patient(family)));
+        assert_eq!(r.status, 201, "create {family}: {}", r.body);
+    }
+
+    // The policy: backups onto a claim, encrypted with an AES key schedule,
+    // and a restore drill.
+    let backups = host_volume(&env).await;
+    env.apply(json!({"apiVersion": "fhiroperator.io/v1alpha1", "kind": "KeyRotationSchedule",
+                     "metadata": {"name": "backup-key"},
+                     "spec": {"algorithm": "aes-256", "interval": "90d", "gracePeriod": "720h"}}))
+        .await;
+    let t = Instant::now();
+    env.apply(json!({"apiVersion": "fhiroperator.io/v1alpha1", "kind": "BackupPolicy",
+                     "metadata": {"name": "nightly"},
+                     "spec": {"endpoint": "patients", "schedule": "*/30 * * * *",
+                              "destination": {"persistentVolumeClaim": {"claimName": "fhir-backups"}},
+                              "encryption": {"keySchedule": "backup-key"},
+                              "restoreDrill": {"schedule": "*/30 * * * *"}}}))
+        .await;
+    let policies = env.api::<BackupPolicy>();
+    let waited = tokio::time::timeout(Duration::from_secs(150), async {
+        loop {
+            if let Ok(p) = policies.get("nightly").await
+                && let Some(status) = p.status
+                && status.last_successful_backup.is_some()
+                && status.last_verified_restore.is_some()
+            {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
+    .await;
+    let status = match waited {
+        Ok(status) => status,
+        Err(_) => {
+            let p = policies.get("nightly").await.ok().and_then(|p| p.status);
+            let jobs = env.api::<k8s_openapi::api::batch::v1::Job>().list(&ListParams::default()).await;
+            panic!(
+                "no verified backup within 150 s: {p:#?}\njobs: {:#?}\n{}",
+                jobs.map(|l| l.items.into_iter().map(|j| (j.metadata.name, j.status)).collect::<Vec<_>>()),
+                env.diagnose("patients").await
+            );
+        }
+    };
+    let verified = t.elapsed();
+    let backup = status.last_successful_backup.clone().unwrap();
+    let restore = status.last_verified_restore.clone().unwrap();
+    println!("backup on the node: {backup:?}\nrestore drill: {restore:?}\nboth within {verified:.1?}");
+
+    // The object is on the volume, of the size status records.
+    let files = files_under(&backups);
+    let size = backup.size_bytes.expect("size in status");
+    assert!(
+        files.iter().any(|f| std::fs::metadata(f).is_ok_and(|m| m.len() as i64 == size)),
+        "a file of {size} bytes under {}: {files:?}",
+        backups.display()
+    );
+    // The Jobs' pods ran on the node.
+    let pods = env.api::<Pod>().list(&ListParams::default().labels("fhiroperator.io/backup-policy=nightly")).await;
+    let pods = pods.expect("pods").items;
+    let node = env.plane.node().unwrap().name.clone();
+    assert!(
+        pods.iter().any(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str())
+            && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded")),
+        "a backup pod succeeded on the node: {:?}",
+        pods.iter()
+            .map(|p| (p.metadata.name.clone(), p.status.as_ref().and_then(|s| s.phase.clone())))
+            .collect::<Vec<_>>()
+    );
+    // The endpoint's backup compliance entry, from the real runs.
+    let endpoints = env.api::<FhirEndpoint>();
+    let entry = wait("the backup compliance entry Pass", Duration::from_secs(60), || {
+        let endpoints = endpoints.clone();
+        async move {
+            let e = endpoints.get("patients").await.ok()?;
+            let entry = e.status?.compliance.into_iter().find(|c| c.name == ComplianceCheck::Backup)?;
+            (entry.status == ComplianceStatus::Pass).then_some(entry)
+        }
+    })
+    .await;
+    println!("backup compliance: {} ({})", entry.reason, entry.message);
 }
