@@ -232,7 +232,7 @@ fn public_address(
             "spec.publicUrl",
             format!(
                 "{} must have {want}: the server serves FHIR there and the gateway does not rewrite paths",
-                quoted(text, "")
+                quoted(text, "").trim_end()
             ),
         ));
     }
