@@ -66,5 +66,5 @@ cluster-down: ## stop the demo operator and the local control plane
 	  if [ -f $$pidfile ]; then kill $$(cat $$pidfile) 2>/dev/null || true; rm -f $$pidfile; fi
 	@$(CONTROL_PLANE) down
 
-demo: ## local control plane, CRDs, the operator running, every example applied and reconciled
+demo: deps ## a local cluster with a node, the operator running, every example applied, Ready and answering
 	@bash e2e/demo.sh

@@ -82,7 +82,7 @@ postgres_key() { { echo "postgres recipe v1: PATH=$PG_BIN; USER 999"; runtime_ke
 
 hfs_key() {
   { echo "hfs recipe v1: /opt/hfs/hfs, /opt/hfs/data, WORKDIR /opt/hfs, USER 65532"; runtime_key
-    sha256sum "$(hfs_binary)" "$(dirname "$(hfs_binary)")"/data/*; } | hash
+    cat "$(hfs_binary)" "$(dirname "$(hfs_binary)")"/data/* | sha256sum; } | hash
 }
 
 operator_key() {

@@ -315,6 +315,21 @@ async fn an_endpoint_runs_on_the_node_and_serves_fhir_over_tls_13_through_its_cl
     }
     let deployment = env.api::<Deployment>().get("fhir").await.expect("deployment");
     assert!(!serde_json::to_string(&deployment).unwrap().contains(&client.api_key));
+    // What the kubelet handed the engine: every container's environment
+    // and command line.
+    let containers = fhir_operator_e2e::node::node_containers(&env.plane.dir().join("kubelet"));
+    assert!(containers.len() >= 4, "the pod's sandbox and three containers: {containers:?}");
+    for id in &containers {
+        let out = std::process::Command::new("docker")
+            .args(["inspect", "--format", "{{json .Config.Env}} {{json .Args}} {{json .Config.Cmd}}", id])
+            .output()
+            .expect("docker inspect");
+        assert!(out.status.success(), "docker inspect {id}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains(&client.api_key),
+            "the key is in container {id}'s environment or command line"
+        );
+    }
 
     println!(
         "node endpoint: control plane + node + operator {started:.1?}, endpoint Ready (pod of 3 containers) \
