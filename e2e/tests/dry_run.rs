@@ -198,6 +198,7 @@ async fn every_child_the_operator_builds_passes_the_api_servers_schema() {
             tls_fingerprint: "sha256:0".into(),
             capabilities,
             images: Images::default(),
+            jwks: Vec::new(),
         };
         let children = build::build(&v, fhir_operator::meta::owner_ref(&ep), &inputs)
             .unwrap_or_else(|e| panic!("{what}: build: {e}"));
@@ -245,6 +246,7 @@ async fn every_child_the_operator_builds_passes_the_api_servers_schema() {
         tls_fingerprint: String::new(),
         capabilities,
         images: Images::default(),
+        jwks: Vec::new(),
     };
     let deployment = build::build(&v, fhir_operator::meta::owner_ref(&ep), &inputs).expect("build").deployment;
     let mut unknown = serde_json::to_value(&deployment).expect("JSON");

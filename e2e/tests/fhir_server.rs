@@ -224,6 +224,7 @@ fn render(endpoint: &FhirEndpoint) -> Rendered {
         tls_fingerprint: String::new(),
         capabilities: Capabilities { monitoring: false, pdb: PdbApi::V1 },
         images: Images::default(),
+        jwks: Vec::new(),
     };
     let children =
         build::build(&v, fhir_operator::meta::owner_ref(endpoint), &inputs).expect("the operator builds children");

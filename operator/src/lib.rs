@@ -8,6 +8,7 @@ pub mod chart;
 pub mod conditions;
 pub mod discovery;
 pub mod fhirendpoint;
+pub mod gateway_auth;
 pub mod gateway_metrics;
 pub mod health;
 pub mod keyrotation;
@@ -19,6 +20,7 @@ pub mod rbac;
 pub mod render;
 pub mod run;
 pub mod server;
+pub mod smart;
 pub mod telemetry;
 pub mod validation;
 

@@ -20,6 +20,8 @@ enum Command {
     Render(fhir_operator::render::RenderArgs),
     /// Sidecar: serve the gateway's access log as Prometheus metrics.
     GatewayMetrics(fhir_operator::gateway_metrics::Args),
+    /// Sidecar: verify API keys' scopes and OAuth bearer tokens for nginx's auth_request.
+    GatewayAuth(fhir_operator::gateway_auth::Args),
     /// Inside a backup or restore drill Job: encrypt and upload, fetch, verify.
     BackupAgent(fhir_operator::backup::agent::AgentArgs),
     /// Recover: restore a backup into a database you name, and verify it.
@@ -73,6 +75,10 @@ fn main() -> ExitCode {
             fhir_operator::gateway_metrics::run(args).await
         })
         .map_err(|e| e.to_string()),
+        Command::GatewayAuth(args) => block_on(async {
+            fhir_operator::telemetry::init();
+            fhir_operator::gateway_auth::run(args).await
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,7 +11,11 @@ use serde_json::Value;
 
 use crate::api::{FhirEndpoint, KeyAlgorithm, KeyRotationSchedule, RateLimitTier};
 use crate::discovery::{Capabilities, PdbApi, PodDisruptionBudgetV1beta1};
-use crate::fhirendpoint::build::{self, Children, Images, Inputs, KeySource};
+use jsonwebtoken::jwk::JwkSet;
+use k8s_openapi::api::core::v1::ConfigMap;
+
+use crate::fhirendpoint::auth::KeySource;
+use crate::fhirendpoint::build::{self, Children, Images, Inputs, KeySource as ApiKeySource};
 use crate::fhirendpoint::validate::validate;
 use crate::keyrotation::rotation;
 use crate::keyrotation::secret::secret_name;
@@ -149,6 +153,12 @@ fn render_documents(docs: &[Document], args: &RenderArgs) -> Result<String, Rend
         .filter(|d| is_kind(d, "KeyRotationSchedule"))
         .map(|d| typed(&Document { value: with_ns(d.value.clone()), path: d.path.clone(), index: d.index }))
         .collect::<Result<_, _>>()?;
+    // ConfigMaps (core/v1) among the files: issuers' key sets.
+    let config_maps: Vec<ConfigMap> = docs
+        .iter()
+        .filter(|d| d.value["kind"] == "ConfigMap" && d.value["apiVersion"] == "v1")
+        .map(|d| typed(&Document { value: with_ns(d.value.clone()), path: d.path.clone(), index: d.index }))
+        .collect::<Result<_, _>>()?;
     let mut endpoints: Vec<FhirEndpoint> = docs
         .iter()
         .filter(|d| is_kind(d, "FhirEndpoint"))
@@ -208,12 +218,12 @@ fn render_documents(docs: &[Document], args: &RenderArgs) -> Result<String, Rend
                 // The versions in force as the schedule's status says, as
                 // the operator computes them: none for a schedule from Git
                 // (no status yet), the cluster's for one exported from it.
-                Some(k) => keys.push(KeySource {
+                Some(k) => keys.push(ApiKeySource {
                     schedule: name.clone(),
                     secret_name: secret_name(k),
                     versions_fingerprint: rotation::fingerprint(&k.status.clone().unwrap_or_default()),
                 }),
-                None if args.allow_missing => keys.push(KeySource {
+                None if args.allow_missing => keys.push(ApiKeySource {
                     schedule: name.clone(),
                     secret_name: format!("{name}-keys"),
                     versions_fingerprint: rotation::fingerprint(&Default::default()),
@@ -230,6 +240,41 @@ fn render_documents(docs: &[Document], args: &RenderArgs) -> Result<String, Rend
             Some(t) => (t.secret_name.clone(), "provided".to_owned()),
             None => (build::self_issued_tls_name(&v.name), "self-issued".to_owned()),
         };
+        let mut jwks = Vec::new();
+        let mut notes = String::new();
+        for (i, (issuer, source)) in v.auth.iter().flat_map(|a| a.issuers.iter()).enumerate() {
+            let field = format!("spec.auth.oauth.issuers[{i}].jwks");
+            match source {
+                KeySource::ConfigMap { name, key } => {
+                    let found = config_maps.iter().find(|c| {
+                        c.metadata.name.as_deref() == Some(name.as_str())
+                            && c.metadata.namespace == ep.metadata.namespace
+                    });
+                    let text = found.and_then(|c| c.data.as_ref()?.get(key).cloned());
+                    match text {
+                        Some(text) => {
+                            let (set, _) = crate::fhirendpoint::auth::parse_jwks(text.as_bytes())
+                                .map_err(|e| fail(format!("{field}: ConfigMap {name:?} key {key:?}: {e}")))?;
+                            jwks.push(set);
+                        }
+                        None if args.allow_missing => jwks.push(JwkSet { keys: Vec::new() }),
+                        None => {
+                            return Err(fail(format!(
+                                "{field}: ConfigMap {name:?} with key {key:?} is not among the given files; \
+                                 add its file, or pass --allow-missing"
+                            )));
+                        }
+                    }
+                }
+                KeySource::Uri { url, .. } => {
+                    notes.push_str(&format!(
+                        "# Keys of issuer {:?}: fetched from {url} by the operator in the cluster; not rendered\n",
+                        issuer.issuer
+                    ));
+                    jwks.push(JwkSet { keys: Vec::new() });
+                }
+            }
+        }
         let inputs = Inputs {
             tier,
             keys,
@@ -237,9 +282,11 @@ fn render_documents(docs: &[Document], args: &RenderArgs) -> Result<String, Rend
             tls_fingerprint,
             capabilities,
             images: images.clone(),
+            jwks,
         };
         let children = build::build(&v, owner_ref(ep), &inputs).map_err(|e| fail(e.to_string()))?;
         out.push_str(&format!("# FhirEndpoint {id}\n"));
+        out.push_str(&notes);
         if ep.spec.tls.is_none() {
             out.push_str(&format!(
                 "# Secret {tls_secret} (kubernetes.io/tls): issued and renewed by the operator in the cluster; not rendered\n"

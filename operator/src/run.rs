@@ -41,6 +41,10 @@ pub struct RunArgs {
     /// Image of the gateway-metrics sidecar (the operator's own image).
     #[arg(long, env = "FHIR_OPERATOR_IMAGE", default_value_t = Images::default().metrics)]
     pub sidecar_image: String,
+    /// PEM CA certificates trusted, besides the system's, when fetching
+    /// token issuers' JWKS URLs (`spec.auth.oauth.issuers[].jwks.uri`).
+    #[arg(long, value_name = "FILE", env = "FHIR_OPERATOR_JWKS_CA_FILE")]
+    pub jwks_ca_file: Option<std::path::PathBuf>,
     /// Run the controllers only while holding a Lease, so that of several
     /// replicas one reconciles at a time. `--leader-elect=false` for a
     /// single process that needs no Lease.
@@ -92,6 +96,8 @@ pub enum RunError {
     Discovery(#[source] kube::Error),
     #[error("serving metrics on {addr}: {source}")]
     Serve { addr: SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Jwks(String),
 }
 
 /// Completes on SIGTERM or SIGINT.
@@ -142,6 +148,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         discovery_interval: args.discovery_interval,
         instance: std::env::var("POD_NAME").ok(),
         backup_images: JobImages { agent: args.sidecar_image.clone(), postgres: args.postgres_image.clone() },
+        jwks: Arc::new(
+            crate::fhirendpoint::jwks::JwksCache::new(args.jwks_ca_file.as_deref()).map_err(RunError::Jwks)?,
+        ),
         backup_clock: match (args.backup_clock_rate, args.backup_clock_origin) {
             (Some(rate), Some(origin)) => Arc::new(FastClock { origin, rate }),
             _ => Arc::new(SystemClock),

@@ -147,6 +147,7 @@ fn settings_in(dir: &Path, listen: String, upstream: String, limits: Limits) -> 
         access_log: path("access.log"),
         access_log_syslog: None,
         limits,
+        auth: None,
     }
 }
 

@@ -41,6 +41,7 @@ fn inputs() -> Inputs {
         tls_fingerprint: "fp".into(),
         capabilities: Capabilities { monitoring: true, pdb: PdbApi::V1 },
         images: Images::default(),
+        jwks: Vec::new(),
     }
 }
 

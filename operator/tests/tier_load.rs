@@ -448,6 +448,7 @@ impl Site {
             access_log: path("access.log"),
             access_log_syslog: None,
             limits,
+            auth: None,
         };
         let names = ["localhost".to_owned(), "127.0.0.1".to_owned()];
         let (cert, key) = tls::issue(&names, k8s_openapi::jiff::Timestamp::now()).expect("issue a certificate");

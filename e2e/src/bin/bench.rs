@@ -103,6 +103,7 @@ fn baseline_children(i: usize, ns: &str) -> Result<(Children, k8s_openapi::api::
         tls_fingerprint: tls::inspect(&secret)?.fingerprint,
         capabilities: discovery::Capabilities { monitoring: false, pdb: PdbApi::V1beta1 },
         images: Images::default(),
+        jwks: Vec::new(),
     };
     let mut children = build::build(&v, fhir_operator::meta::owner_ref(&ep), &inputs)?;
     for meta in [

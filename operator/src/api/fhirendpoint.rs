@@ -1,5 +1,6 @@
 //! `FhirEndpoint`: one FHIR server behind an nginx gateway.
 
+use super::auth::{ClientAccess, OAuthSpec};
 use super::common::{NAME_PATTERN, conditions_schema};
 use crate::validation::{DATABASE_NAME_PATTERN, HOST_PATTERN, IMAGE_PATTERN, PUBLIC_URL_PATTERN};
 use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
@@ -247,11 +248,26 @@ pub struct AuthSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), inner(regex(pattern = NAME_PATTERN)), extend("x-kubernetes-list-type" = "set"))]
     pub api_keys: Vec<String>,
+    /// Bearer tokens (JWT access tokens, SMART on FHIR backend services).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<OAuthSpec>,
+    /// Least privilege: the scopes of every client, API-key and OAuth
+    /// alike. Once set, a client it does not name gets no access; without
+    /// it, every authenticated client may do everything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"]))]
+    pub clients: Vec<ClientAccess>,
 }
 
 impl AuthSpec {
     fn is_empty(&self) -> bool {
-        self.api_keys.is_empty()
+        self.api_keys.is_empty() && self.oauth.is_none() && self.clients.is_empty()
+    }
+
+    /// Whether the gateway checks every request with the token verifier
+    /// (OAuth tokens or per-client scopes are configured).
+    pub fn verified(&self) -> bool {
+        self.oauth.is_some() || !self.clients.is_empty()
     }
 }
 
@@ -370,6 +386,28 @@ pub struct FhirEndpointStatus {
     /// Passing entries of `compliance`, of all: e.g. `5/6`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compliance_summary: Option<String>,
+    /// The signing keys in force per token issuer (key ids only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["issuer"]))]
+    pub token_issuers: Vec<TokenIssuerStatus>,
+}
+
+/// The keys the gateway verifies one issuer's tokens with.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenIssuerStatus {
+    pub issuer: String,
+    /// `ConfigMap/<name>` or the JWKS URL.
+    pub source: String,
+    /// `kid` of every key handed to the gateway.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_ids: Vec<String>,
+    /// When the keys were read or fetched (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetched_at: Option<String>,
+    /// Why the last read or fetch failed; the keys above stay in force.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
 }
 
 /// Key versions in force for one schedule.
@@ -389,7 +427,8 @@ pub struct KeyVersionsInForce {
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ComplianceEntry {
-    /// `tls`, `networkIsolation`, `keyRotation`, `backup`, `auditLog` or `database`.
+    /// `tls`, `networkIsolation`, `keyRotation`, `backup`, `auditLog`,
+    /// `database` or `accessControl`.
     pub name: ComplianceCheck,
     /// The 45 CFR 164.312 paragraph it supports, e.g. `164.312(e)(1)`.
     pub safeguard: String,
@@ -414,6 +453,7 @@ pub enum ComplianceCheck {
     Backup,
     AuditLog,
     Database,
+    AccessControl,
 }
 
 /// Outcome of one compliance check. `Unknown`: not yet measurable.

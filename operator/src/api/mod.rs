@@ -8,12 +8,14 @@
 // reads the repeats as duplicated attributes. They are separate columns.
 #![allow(clippy::duplicated_attributes)]
 
+mod auth;
 mod backuppolicy;
 mod common;
 mod fhirendpoint;
 mod keyrotationschedule;
 mod ratelimittier;
 
+pub use auth::*;
 pub use backuppolicy::*;
 pub use common::*;
 pub use fhirendpoint::*;

@@ -15,10 +15,11 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::gateway::{self, LimitKey, Limits, Rate};
 use super::monitoring::{self, AlertSettings, PrometheusRule, ServiceMonitor};
 use super::validate::Validated;
-use super::{network, pod};
+use super::{auth, network, pod};
 use crate::api::{RateLimitKey, RateLimitTierSpec};
 use crate::discovery::{Capabilities, PdbApi};
 use crate::meta::{MANAGED_BY, MANAGED_BY_LABEL, child_meta};
+use jsonwebtoken::jwk::JwkSet;
 
 /// Label naming the endpoint on every child.
 pub const ENDPOINT_LABEL: &str = "fhiroperator.io/endpoint";
@@ -79,6 +80,10 @@ pub struct Inputs {
     pub tls_fingerprint: String,
     pub capabilities: Capabilities,
     pub images: Images,
+    /// Each token issuer's public keys, in the order of
+    /// `spec.auth.oauth.issuers` (missing or empty: none could be read yet,
+    /// and that issuer's tokens are refused).
+    pub jwks: Vec<JwkSet>,
 }
 
 /// The children of one endpoint. `apply` destructures this without `..`,
@@ -161,14 +166,23 @@ pub fn build(v: &Validated<'_>, owner: OwnerReference, inputs: &Inputs) -> Resul
     let nginx_conf = gateway::nginx_conf(&gateway::GatewaySettings {
         public_host: v.public_host.clone(),
         public_port: v.public_port,
+        auth: pod::gateway_auth(v),
         ..pod::gateway_settings(limits)
     })?;
+    // Only nginx.conf rolls the pods: the verifier reads its configuration
+    // (scopes, keys) again when the kubelet updates the mounted file.
     let config_hash = crate::meta::sha256_hex(nginx_conf.as_bytes());
-    let gateway_config = ConfigMap {
-        metadata: meta(gateway_config_name(&v.name)),
-        data: Some(BTreeMap::from([(NGINX_CONF_KEY.to_owned(), nginx_conf)])),
-        ..Default::default()
-    };
+    let mut data = BTreeMap::from([(NGINX_CONF_KEY.to_owned(), nginx_conf)]);
+    if let Some(auth) = &v.auth {
+        let config = auth::auth_config(auth, v.flavor.base_path(), &inputs.jwks);
+        let json = serde_json::to_string_pretty(&config).unwrap_or_default();
+        data.insert(auth::AUTH_CONFIG_KEY.to_owned(), json);
+        if let Some(smart) = auth::smart_configuration(&spec.auth) {
+            data.insert(auth::SMART_CONFIGURATION_KEY.to_owned(), smart);
+        }
+    }
+    let gateway_config =
+        ConfigMap { metadata: meta(gateway_config_name(&v.name)), data: Some(data), ..Default::default() };
 
     let service_account = ServiceAccount {
         metadata: meta(v.name.clone()),

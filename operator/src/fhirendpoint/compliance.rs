@@ -72,6 +72,20 @@ pub struct Facts {
     /// With `spec.database.caSecret`: whether that Secret exists with
     /// `ca.crt` (Err says what is wrong).
     pub database_ca: Option<Result<(), String>>,
+    /// The token verifier's configuration as applied in the gateway's
+    /// ConfigMap, and whether the applied Deployment runs the verifier
+    /// (`None`: no verifier configured, API keys only).
+    pub access: Option<AccessFact>,
+}
+
+/// What the applied gateway enforces about clients.
+#[derive(Debug, Clone)]
+pub struct AccessFact {
+    /// Scopes per client from the applied `auth.json`; `None` when it has
+    /// no client list (tokens' scopes alone decide).
+    pub clients: Option<Vec<(String, Vec<String>)>>,
+    /// The applied Deployment has the `gateway-auth` container.
+    pub verifier_deployed: bool,
 }
 
 /// Reasons of the `tls` entry about the database connection.
@@ -100,6 +114,7 @@ fn entry(
         ComplianceCheck::Backup => "164.312(c)(1)",
         ComplianceCheck::AuditLog => "164.312(b)",
         ComplianceCheck::Database => "164.312(a)(2)(iv)",
+        ComplianceCheck::AccessControl => "164.312(a)(1), 164.312(d)",
     };
     ComplianceEntry {
         name,
@@ -144,7 +159,64 @@ pub fn evaluate(v: &Validated<'_>, facts: &Facts) -> Vec<ComplianceEntry> {
             vec![format!("ConfigMap/{ns}/{}", facts.gateway_config)],
         ),
         database(v, facts),
+        access_control(ns, facts),
     ]
+}
+
+/// `accessControl`: every client scoped, and no client able to write every
+/// resource type. Read from the applied ConfigMap and Deployment.
+fn access_control(ns: &str, facts: &Facts) -> ComplianceEntry {
+    let name = ComplianceCheck::AccessControl;
+    let Some(access) = &facts.access else {
+        return entry(
+            name,
+            Fail,
+            "NoClientScopes",
+            "every valid API key grants every interaction on every resource type: list spec.auth.clients with their scopes",
+            vec![format!("ConfigMap/{ns}/{}", facts.gateway_config)],
+        );
+    };
+    let mut evidence = vec![format!("ConfigMap/{ns}/{} auth.json", facts.gateway_config)];
+    if !access.verifier_deployed {
+        return entry(
+            name,
+            Fail,
+            "VerifierNotDeployed",
+            "the gateway's token verifier is not in the applied Deployment",
+            evidence,
+        );
+    }
+    evidence.push(format!("Deployment/{ns}/{} container gateway-auth", facts.deployment));
+    let Some(clients) = &access.clients else {
+        return entry(
+            name,
+            Fail,
+            "ClientsNotScoped",
+            "any client with a valid token gets what its token's scopes say: list spec.auth.clients to bound them",
+            evidence,
+        );
+    };
+    let mut wildcard_writers = Vec::new();
+    for (client, scopes) in clients {
+        evidence.push(format!("client {client}: {}", scopes.join(" ")));
+        let parsed = scopes.iter().filter_map(|s| crate::smart::Scope::parse(s).ok());
+        if parsed.clone().any(|s| s.is_wildcard_write()) {
+            wildcard_writers.push(client.clone());
+        }
+    }
+    if !wildcard_writers.is_empty() {
+        return entry(
+            name,
+            Fail,
+            "WildcardWriteScope",
+            format!(
+                "clients {} may create, update or delete every resource type (system/*.c, .u or .d): grant writes per type",
+                wildcard_writers.join(", ")
+            ),
+            evidence,
+        );
+    }
+    entry(name, Pass, "ClientsScoped", format!("{} clients, each limited to its scopes", clients.len()), evidence)
 }
 
 fn tls(v: &Validated<'_>, facts: &Facts) -> ComplianceEntry {
@@ -382,10 +454,12 @@ mod tests {
             tls_fingerprint: String::new(),
             capabilities: Capabilities { monitoring: false, pdb: PdbApi::V1 },
             images: Images::default(),
+            jwks: Vec::new(),
         };
         let children = build::build(&v, crate::meta::owner_ref(&ep), &inputs).unwrap();
         let now = Timestamp::UNIX_EPOCH + SignedDuration::from_hours(24);
         let facts = Facts {
+            access: None,
             now,
             tls: TlsFact::Certificate {
                 secret: "patients-tls".into(),

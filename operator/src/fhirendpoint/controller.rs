@@ -70,6 +70,8 @@ pub struct Settings {
     /// The backup controller's clock (the system's, but in tests of fast
     /// cron schedules).
     pub backup_clock: Arc<dyn crate::conditions::Clock>,
+    /// Token issuers' keys fetched from JWKS URLs, for every scope.
+    pub jwks: Arc<super::jwks::JwksCache>,
 }
 
 /// Shared by the controllers of every scope.
@@ -191,6 +193,7 @@ pub async fn run_scope(
         caches: caches.clone(),
         capabilities: RwLock::new(caps),
         images: settings.images.clone(),
+        jwks: settings.jwks.clone(),
         clock: shared.clock.clone(),
         metrics: shared.metrics.clone(),
         recorder: Recorder::new(client.clone(), reporter),

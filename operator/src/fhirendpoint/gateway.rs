@@ -41,7 +41,12 @@ pub const MAX_API_KEY_LEN: usize = 128;
 /// - `upstream_time`: string (`$upstream_response_time`, may be empty)
 /// - `bytes_sent`: number (`$body_bytes_sent`)
 /// - `tls_protocol`: `$ssl_protocol`
-pub const ACCESS_LOG_FIELDS: [&str; 11] = [
+/// - `subject`: the bearer token's `sub` (empty for API keys)
+/// - `jti`: the bearer token's `jti`, never the token itself
+///
+/// With the token verifier ([`GatewayAuth`]), `client` is the client it
+/// authenticated (API key or token), also on a 403.
+pub const ACCESS_LOG_FIELDS: [&str; 13] = [
     "time",
     "request_id",
     "client",
@@ -53,6 +58,8 @@ pub const ACCESS_LOG_FIELDS: [&str; 11] = [
     "upstream_time",
     "bytes_sent",
     "tls_protocol",
+    "subject",
+    "jti",
 ];
 
 /// What a rate limit counts per.
@@ -112,6 +119,22 @@ pub struct GatewaySettings {
     /// e.g. [`SYSLOG_ADDRESS`].
     pub access_log_syslog: Option<String>,
     pub limits: Limits,
+    /// The token verifier, when the endpoint has OAuth or client scopes.
+    pub auth: Option<GatewayAuth>,
+}
+
+/// nginx asks the token verifier (`fhir-operator gateway-auth`) about every
+/// request: API-key clients get their scopes checked, bearer tokens are
+/// verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayAuth {
+    /// The verifier's address, e.g. `127.0.0.1:9114`.
+    pub verifier: String,
+    /// The FHIR base path (`` or e.g. `/fhir`): the SMART configuration is
+    /// served at `<base>/.well-known/smart-configuration`.
+    pub base_path: String,
+    /// The SMART configuration document's file, when there is one.
+    pub smart_configuration: Option<String>,
 }
 
 /// Input the gateway cannot render. Messages name the setting or the
@@ -151,7 +174,13 @@ const ACCESS_LOG_VALUES: [(&str, bool); ACCESS_LOG_FIELDS.len()] = [
     ("$upstream_response_time", false),
     ("$body_bytes_sent", true),
     ("$ssl_protocol", false),
+    ("", false),
+    ("", false),
 ];
+
+/// The log's client, subject and token id with the token verifier.
+const VERIFIED_LOG_VALUES: [(&str, &str); 3] =
+    [("client", "$auth_client"), ("subject", "$auth_subject"), ("jti", "$auth_jti")];
 
 /// Seconds a client is told to wait after a 429. Rates are whole requests
 /// per second, so a rejected client may send again within one second.
@@ -236,6 +265,7 @@ fn validate(s: &GatewaySettings) -> Result<(), GatewayError> {
         ("listen", Some(&s.listen)),
         ("upstream", Some(&s.upstream)),
         ("access_log_syslog", s.access_log_syslog.as_ref()),
+        ("auth.verifier", s.auth.as_ref().map(|a| &a.verifier)),
     ];
     for (field, value) in addresses {
         let Some(value) = value else { continue };
@@ -250,7 +280,11 @@ fn validate(s: &GatewaySettings) -> Result<(), GatewayError> {
         ("temp_dir", &s.temp_dir),
         ("access_log", &s.access_log),
     ];
-    for (field, value) in paths {
+    let auth_paths = s.auth.iter().flat_map(|a| {
+        let smart = a.smart_configuration.as_ref().map(|f| ("auth.smart_configuration", f));
+        smart.into_iter()
+    });
+    for (field, value) in paths.into_iter().chain(auth_paths) {
         // The key map may be a glob (one directory per key schedule): nginx
         // includes every match, and a glob matching nothing is no error.
         let glob = if field == "api_keys_map" { &b"*"[..] } else { &b""[..] };
@@ -258,6 +292,17 @@ fn validate(s: &GatewaySettings) -> Result<(), GatewayError> {
             || !value.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._+-".contains(&b) || glob.contains(&b))
         {
             return invalid(field, value, "expected an absolute path of A-Z a-z 0-9 / . _ + -");
+        }
+    }
+    if let Some(auth) = &s.auth {
+        let base = &auth.base_path;
+        let segments_ok = base.is_empty()
+            || (base.starts_with('/')
+                && base[1..].split('/').all(|seg| {
+                    !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+                }));
+        if !segments_ok {
+            return invalid("auth.base_path", base, "expected empty or a path such as /fhir of A-Z a-z 0-9 - _");
         }
     }
     let limits = &s.limits;
@@ -285,10 +330,11 @@ struct Zone {
 }
 
 /// What the tier counts requests per, as an nginx variable.
-fn counted_per(limits: &Limits) -> &'static str {
-    match limits.key {
-        LimitKey::Client => "$client_id",
-        LimitKey::SourceIp => "$binary_remote_addr",
+fn counted_per(limits: &Limits, verified: bool) -> &'static str {
+    match (limits.key, verified) {
+        (LimitKey::Client, false) => "$client_id",
+        (LimitKey::Client, true) => "$fhir_limit_client",
+        (LimitKey::SourceIp, _) => "$binary_remote_addr",
     }
 }
 
@@ -296,9 +342,9 @@ fn counted_per(limits: &Limits) -> &'static str {
 /// otherwise one per class, keyed by a variable that is empty for the other
 /// class (see [`render_limit_zones`]), with the tier's default rate for a
 /// class without its own.
-fn zones(limits: &Limits) -> Vec<Zone> {
+fn zones(limits: &Limits, verified: bool) -> Vec<Zone> {
     if limits.read.is_none() && limits.write.is_none() {
-        return vec![Zone { name: "fhir_requests", key: counted_per(limits), rate: limits.default }];
+        return vec![Zone { name: "fhir_requests", key: counted_per(limits, verified), rate: limits.default }];
     }
     vec![
         Zone { name: "fhir_reads", key: "$fhir_read_key", rate: limits.read.unwrap_or(limits.default) },
@@ -391,6 +437,11 @@ fn render_http(c: &mut Conf, s: &GatewaySettings, temp: &str) {
     c.line("log_format fhir_audit escape=json");
     c.depth += 1;
     for (i, (field, (variable, number))) in ACCESS_LOG_FIELDS.iter().zip(ACCESS_LOG_VALUES).enumerate() {
+        let verified = VERIFIED_LOG_VALUES.iter().find(|(name, _)| name == field).map(|(_, v)| *v);
+        let variable = match (&s.auth, verified) {
+            (Some(_), Some(v)) => v,
+            _ => variable,
+        };
         let open = if i == 0 { "{" } else { "" };
         let close = if i + 1 == ACCESS_LOG_FIELDS.len() { "}';" } else { ",'" };
         let value = if number { variable.to_owned() } else { format!("\"{variable}\"") };
@@ -412,26 +463,44 @@ fn render_http(c: &mut Conf, s: &GatewaySettings, temp: &str) {
         c.line(format!("include {};", s.api_keys_map));
     });
     c.line("");
-    render_limit_zones(c, &s.limits);
+    if s.auth.is_some() && s.limits.key == LimitKey::Client {
+        c.comment(
+            "Limits run before the token verifier: a request without an API key\n\
+             counts against its bearer token (one budget per token).",
+        );
+        c.block("map $client_id $fhir_limit_client", |c| {
+            c.line("\"\" $http_authorization;");
+            c.line("default $client_id;");
+        });
+    }
+    render_limit_zones(c, &s.limits, s.auth.is_some());
     c.line("");
     c.comment("Connections to the FHIR server are kept open between requests.");
     c.block("upstream fhir_server", |c| {
         c.line(format!("server {};", s.upstream));
         c.line("keepalive 16;");
     });
+    if let Some(auth) = &s.auth {
+        c.line("");
+        c.comment("The token verifier (fhir-operator gateway-auth), on loopback.");
+        c.block("upstream fhir_auth", |c| {
+            c.line(format!("server {};", auth.verifier));
+            c.line("keepalive 8;");
+        });
+    }
     c.line("");
     c.block("server", |c| render_server(c, s));
 }
 
-fn render_limit_zones(c: &mut Conf, limits: &Limits) {
-    let zones = zones(limits);
+fn render_limit_zones(c: &mut Conf, limits: &Limits, verified: bool) {
+    let zones = zones(limits, verified);
     if zones.len() > 1 {
         c.comment(
             "Reads and writes are limited apart: each zone's key is empty for\n\
              the other class, and nginx does not count requests with an empty\n\
              key. Methods other than GET, HEAD and OPTIONS count as writes.",
         );
-        let counted = counted_per(limits);
+        let counted = counted_per(limits, verified);
         for (variable, read, write) in [("$fhir_read_key", counted, "\"\""), ("$fhir_write_key", "\"\"", counted)] {
             c.block(format!("map $request_method {variable}"), |c| {
                 for method in ["GET", "HEAD", "OPTIONS"] {
@@ -464,6 +533,9 @@ fn render_server(c: &mut Conf, s: &GatewaySettings) {
     c.line("");
     c.comment("Named locations keep $uri, so rejections are logged with the request's path.");
     c.line("error_page 401 @unauthorized;");
+    if s.auth.is_some() {
+        c.line("error_page 403 @forbidden;");
+    }
     c.line("error_page 413 @too_large;");
     c.line("error_page 429 @rate_limited;");
     c.line("");
@@ -473,11 +545,28 @@ fn render_server(c: &mut Conf, s: &GatewaySettings) {
         c.line("default_type text/plain;");
         c.line("return 200 \"ok\";");
     });
+    if let Some(auth) = &s.auth {
+        render_auth_locations(c, auth);
+    }
     c.line("");
     c.block("location /", |c| {
-        c.comment("Runs before the rate limits: a request without a valid key costs no client's budget.");
-        c.block("if ($client_id = \"\")", |c| c.line("return 401;"));
-        for zone in zones(&s.limits) {
+        match &s.auth {
+            None => {
+                c.comment("Runs before the rate limits: a request without a valid key costs no client's budget.");
+                c.block("if ($client_id = \"\")", |c| c.line("return 401;"));
+            }
+            Some(_) => {
+                c.comment(
+                    "Every request is checked by the token verifier: an API key's\n\
+                     client or a bearer token, and the scopes of either.",
+                );
+                c.line("auth_request /_fhir_auth;");
+                for (variable, header) in AUTH_VARIABLES {
+                    c.line(format!("auth_request_set ${variable} $upstream_http_{header};"));
+                }
+            }
+        }
+        for zone in zones(&s.limits, s.auth.is_some()) {
             // Never burst=0: without a burst nginx keeps no credit for the
             // time between requests, so a client sending a little above the
             // rate is refused well below it (12/s against 10/s measured at
@@ -503,21 +592,41 @@ fn render_server(c: &mut Conf, s: &GatewaySettings) {
         c.line("proxy_set_header X-Real-IP \"\";");
         c.line("proxy_set_header Forwarded \"\";");
         c.line("proxy_set_header X-Request-ID $request_id;");
-        c.line("proxy_set_header X-Client-ID $client_id;");
-        c.comment("The FHIR server never sees API keys.");
+        match &s.auth {
+            None => {
+                c.line("proxy_set_header X-Client-ID $client_id;");
+                c.line("proxy_set_header X-Client-Subject \"\";");
+                c.line("proxy_set_header X-Client-Scopes \"\";");
+            }
+            Some(_) => {
+                c.comment(
+                    "Who the verifier authenticated, and the scopes in force; a\n\
+                     client's own headers of these names are replaced.",
+                );
+                c.line("proxy_set_header X-Client-ID $auth_client;");
+                c.line("proxy_set_header X-Client-Subject $auth_subject;");
+                c.line("proxy_set_header X-Client-Scopes $auth_scopes;");
+            }
+        }
+        c.comment("The FHIR server never sees API keys or bearer tokens.");
         c.line("proxy_set_header X-API-Key \"\";");
+        c.line("proxy_set_header Authorization \"\";");
         c.line("proxy_hide_header X-Powered-By;");
     });
     let too_large = format!("The request body is larger than {} bytes.", s.limits.max_body_bytes);
     let retry_after = format!("add_header Retry-After {RETRY_AFTER_SECONDS} always;");
-    for (name, status, header, code, diagnostics) in [
-        (
-            "unauthorized",
-            401,
-            "add_header WWW-Authenticate 'ApiKey header=\"X-API-Key\"' always;",
-            "login",
-            "A valid X-API-Key header is required.",
-        ),
+    let verified = s.auth.is_some();
+    let challenge = if verified {
+        "add_header WWW-Authenticate $auth_challenge always;"
+    } else {
+        "add_header WWW-Authenticate 'ApiKey header=\"X-API-Key\"' always;"
+    };
+    let unauthorized = if verified { "$auth_reason" } else { "A valid X-API-Key header is required." };
+    let mut pages = vec![("unauthorized", 401, challenge, "login", unauthorized)];
+    if verified {
+        pages.push(("forbidden", 403, challenge, "forbidden", "$auth_reason"));
+    }
+    pages.extend([
         ("too_large", 413, "", "too-long", too_large.as_str()),
         (
             "rate_limited",
@@ -526,7 +635,8 @@ fn render_server(c: &mut Conf, s: &GatewaySettings) {
             "throttled",
             "Rate limit exceeded: retry after Retry-After seconds.",
         ),
-    ] {
+    ]);
+    for (name, status, header, code, diagnostics) in pages {
         c.line("");
         c.block(format!("location @{name}"), |c| {
             if !header.is_empty() {
@@ -539,6 +649,48 @@ fn render_server(c: &mut Conf, s: &GatewaySettings) {
             ));
         });
     }
+}
+
+/// nginx variables the verifier's answer headers are read into.
+const AUTH_VARIABLES: [(&str, &str); 6] = [
+    ("auth_client", "x_auth_client"),
+    ("auth_subject", "x_auth_subject"),
+    ("auth_scopes", "x_auth_scopes"),
+    ("auth_jti", "x_auth_jti"),
+    ("auth_challenge", "x_auth_challenge"),
+    ("auth_reason", "x_auth_reason"),
+];
+
+fn render_auth_locations(c: &mut Conf, auth: &GatewayAuth) {
+    if let Some(file) = &auth.smart_configuration {
+        c.line("");
+        c.comment("SMART discovery: public, like the token endpoint it names.");
+        c.block(format!("location = {}/.well-known/smart-configuration", auth.base_path), |c| {
+            c.line("default_type application/json;");
+            security_headers(c);
+            c.line(format!("alias {file};"));
+        });
+    }
+    c.line("");
+    c.comment(
+        "The verifier's question: method, raw URI, the API key's client and\n\
+         the Authorization header, nothing else (no body, no other header).\n\
+         Its answer is never logged: the token is in the question.",
+    );
+    c.block("location = /_fhir_auth", |c| {
+        c.line("internal;");
+        c.line("access_log off;");
+        c.line("proxy_pass http://fhir_auth/check;");
+        c.line("proxy_http_version 1.1;");
+        c.line("proxy_pass_request_body off;");
+        c.line("proxy_pass_request_headers off;");
+        c.line("proxy_set_header Connection \"\";");
+        c.line("proxy_set_header Content-Length \"\";");
+        c.line("proxy_set_header X-Original-Method $request_method;");
+        c.line("proxy_set_header X-Original-URI $request_uri;");
+        c.line("proxy_set_header X-Api-Client $client_id;");
+        c.line("proxy_set_header Authorization $http_authorization;");
+    });
 }
 
 fn security_headers(c: &mut Conf) {

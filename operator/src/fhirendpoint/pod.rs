@@ -15,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::auth::{AUTH_CONFIG_KEY, SMART_CONFIGURATION_KEY};
 use super::build::{
     CONFIG_HASH_ANNOTATION, Inputs, KEYS_HASH_ANNOTATION, NGINX_CONF_KEY, TLS_HASH_ANNOTATION, gateway_config_name,
     selector_labels,
@@ -23,6 +24,7 @@ use super::database::{CA_DIR, CA_KEY, CA_VOLUME, SERVER_CONTAINER};
 use super::gateway::{self, GatewaySettings, Limits};
 use super::validate::Validated;
 use crate::api::ServerFlavor;
+use crate::gateway_auth;
 use crate::keyrotation::keys::GATEWAY_MAP_ENTRY;
 use crate::meta::hash_of;
 
@@ -70,7 +72,21 @@ pub fn gateway_settings(limits: Limits) -> GatewaySettings {
         access_log: "/dev/stdout".into(),
         access_log_syslog: Some(gateway::SYSLOG_ADDRESS.into()),
         limits,
+        auth: None,
     }
+}
+
+/// The token verifier's settings inside the pod, for an endpoint with
+/// OAuth or client scopes.
+pub fn gateway_auth(v: &Validated<'_>) -> Option<gateway::GatewayAuth> {
+    v.auth.as_ref()?;
+    let spec = &v.endpoint.spec.auth;
+    let smart = spec.oauth.as_ref().and_then(|o| o.smart_configuration.as_ref());
+    Some(gateway::GatewayAuth {
+        verifier: format!("127.0.0.1:{}", gateway_auth::PORT),
+        base_path: v.flavor.base_path().to_owned(),
+        smart_configuration: smart.map(|_| format!("{CONF_DIR}/{SMART_CONFIGURATION_KEY}")),
+    })
 }
 
 /// The container security context of "restricted".
@@ -346,6 +362,24 @@ fn metrics_container(image: &str) -> Container {
     }
 }
 
+/// Name of the token verifier's container.
+pub const AUTH_CONTAINER: &str = "gateway-auth";
+
+/// The token verifier: reads its configuration (scopes and issuers' public
+/// keys) from the gateway's ConfigMap, and again when the kubelet updates
+/// the file; listens on loopback only, for nginx.
+fn auth_container(image: &str) -> Container {
+    Container {
+        name: AUTH_CONTAINER.into(),
+        image: Some(image.into()),
+        args: Some(vec!["gateway-auth".into(), "--config".into(), format!("{CONF_DIR}/{AUTH_CONFIG_KEY}")]),
+        resources: Some(resources(&[("cpu", "20m"), ("memory", "32Mi")], &[("memory", "128Mi")])),
+        security_context: Some(restricted_container()),
+        volume_mounts: Some(vec![mount("gateway-config", CONF_DIR)]),
+        ..Default::default()
+    }
+}
+
 fn key_volume(schedule: &str) -> String {
     format!("keys-{schedule}")
 }
@@ -420,11 +454,14 @@ pub fn deployment(v: &Validated<'_>, metadata: ObjectMeta, inputs: &Inputs, conf
                     service_account_name: Some(v.name.clone()),
                     automount_service_account_token: Some(false),
                     security_context: Some(restricted_pod()),
-                    containers: vec![
+                    containers: [
                         server,
                         gateway_container(&inputs.images.gateway, inputs),
                         metrics_container(&inputs.images.metrics),
-                    ],
+                    ]
+                    .into_iter()
+                    .chain(v.auth.is_some().then(|| auth_container(&inputs.images.metrics)))
+                    .collect(),
                     volumes: Some(volumes),
                     ..Default::default()
                 }),

@@ -21,7 +21,7 @@ use super::compliance::{self, BackupFact, Facts, KeyScheduleFact, TlsFact};
 use super::database::{self, CA_KEY};
 use super::monitoring::{PrometheusRule, ServiceMonitor};
 use super::validate::{InvalidSpec, Validated, validate};
-use super::{network, pod, tls};
+use super::{auth, jwks, network, pod, tls};
 use crate::api::{
     BackupOutcome, BackupPolicy, FhirEndpoint, FhirEndpointStatus, KeyAlgorithm, KeyRotationSchedule,
     KeyVersionsInForce, RateLimitTier, SslMode, condition, reason,
@@ -77,6 +77,7 @@ pub struct Context {
     pub caches: Caches,
     pub capabilities: RwLock<Capabilities>,
     pub images: Images,
+    pub jwks: Arc<super::jwks::JwksCache>,
     pub clock: Arc<dyn Clock>,
     pub metrics: SharedMetrics,
     pub recorder: Recorder,
@@ -193,8 +194,13 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
         None => None,
     };
 
+    let (jwks, token_issuers, jwks_recheck) = match &v.auth {
+        Some(auth) => jwks::issuer_keys(auth, ctx.applier.client(), &v.namespace, &ctx.jwks, now).await,
+        None => (Vec::new(), Vec::new(), None),
+    };
+
     // Build, apply.
-    let inputs = Inputs { tier, keys, tls_secret, tls_fingerprint, capabilities, images: ctx.images.clone() };
+    let inputs = Inputs { tier, keys, tls_secret, tls_fingerprint, capabilities, images: ctx.images.clone(), jwks };
     let children = match build::build(&v, owner, &inputs) {
         Ok(children) => children,
         // Only a tier's limits can be inexpressible (the endpoint's own
@@ -219,6 +225,7 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
         deployment: applied.deployment.name_any(),
         database: applied.database.clone(),
         database_ca,
+        access: applied.access.clone(),
     };
     let compliance = compliance::evaluate(&v, &facts);
     let mut status = ep.status.clone().unwrap_or_default();
@@ -229,6 +236,7 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
     status.replicas = Some(deployment.replicas.unwrap_or(0));
     status.ready_replicas = Some(deployment.ready_replicas.unwrap_or(0));
     status.key_versions = key_versions;
+    status.token_issuers = token_issuers;
     status.compliance_summary = Some(compliance::summary(&compliance));
     status.compliance = compliance;
 
@@ -266,7 +274,7 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
     conditions::set(&mut status.conditions, degraded, generation, now);
     write_status(ep, ctx, status).await?;
 
-    Ok(match [renew_at, key_recheck, backup_recheck].into_iter().flatten().min() {
+    Ok(match [renew_at, key_recheck, backup_recheck, jwks_recheck].into_iter().flatten().min() {
         Some(at) => Action::requeue(until(now, at)),
         None => Action::await_change(),
     })
@@ -580,6 +588,8 @@ struct AppliedChildren {
     network_policy: String,
     /// The FHIR server's database connection in the applied Deployment.
     database: Option<database::Applied>,
+    /// Client scopes as the applied ConfigMap and Deployment enforce them.
+    access: Option<compliance::AccessFact>,
 }
 
 async fn ensure<K: ChildKind>(
@@ -649,6 +659,21 @@ async fn apply(
     } = children;
     let c = &ctx.caches;
     ensure(ctx, ep, &c.service_accounts, service_account, written).await?;
+    // Read from the objects sent, as the database below.
+    let applied_auth = gateway_config
+        .data
+        .as_ref()
+        .and_then(|d| d.get(auth::AUTH_CONFIG_KEY))
+        .and_then(|json| serde_json::from_str::<crate::gateway_auth::AuthConfig>(json).ok());
+    let verifier_deployed = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .is_some_and(|p| p.containers.iter().any(|c| c.name == pod::AUTH_CONTAINER));
+    let access = applied_auth.map(|config| compliance::AccessFact {
+        clients: config.clients.map(|c| c.into_iter().collect()),
+        verifier_deployed,
+    });
     ensure(ctx, ep, &c.config_maps, gateway_config, written).await?;
     let np_name = network_policy.name_any();
     ensure(ctx, ep, &c.network_policies, network_policy, written).await?;
@@ -686,7 +711,7 @@ async fn apply(
         let reason = if created { reasons::CREATED } else { reasons::UPDATED };
         publish(ctx, ep, EventType::Normal, reason, written.join(", ")).await;
     }
-    Ok(AppliedChildren { deployment, network_policy: np_name, database })
+    Ok(AppliedChildren { deployment, network_policy: np_name, database, access })
 }
 
 /// Writes the status if it differs from what the API server holds.

@@ -77,6 +77,8 @@ pub struct Validated<'a> {
     pub public_port: u16,
     /// The external database, checked, with its connection built.
     pub database: Option<Database>,
+    /// OAuth issuers and client scopes, checked (`None`: API keys only).
+    pub auth: Option<super::auth::Auth>,
 }
 
 /// An external database that passed validation.
@@ -158,6 +160,7 @@ pub fn validate(endpoint: &FhirEndpoint) -> Result<Validated<'_>, InvalidSpec> {
         validation::dns_subdomain(schedule)
             .map_err(|e| invalid(format!("spec.auth.apiKeys[{i}]"), quoted(schedule, &e)))?;
     }
+    let auth = super::auth::check(&spec.auth)?;
     let database = match &spec.database {
         Some(db) => Some(check_database(db)?),
         None => None,
@@ -173,6 +176,7 @@ pub fn validate(endpoint: &FhirEndpoint) -> Result<Validated<'_>, InvalidSpec> {
         public_host,
         public_port,
         database,
+        auth,
     })
 }
 
