@@ -11,7 +11,9 @@
 //! [`Idp::rotate_signing_key`] makes it sign with a new key from then on.
 //!
 //! Also here: [`verify`], checking a token against a JWKS with the
-//! `jsonwebtoken` crate.
+//! `jsonwebtoken` crate, and [`fhirclient_backend_services`], the Python
+//! SMART client (PyPI fhirclient, `e2e/smart_backend.py`) against a FHIR
+//! base URL.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,7 +25,7 @@ use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse, ThumbprintHash}
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Value, json};
 
-use crate::fhir_client::{TestCertificate, issue_certificate};
+use crate::fhir_client::{TestCertificate, issue_certificate, python_env};
 use crate::postgres::run;
 
 /// The client ids of the default clients.
@@ -469,4 +471,53 @@ fn random_hex(bytes: usize) -> Result<String> {
     let mut buf = vec![0u8; bytes];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What [`fhirclient_backend_services`] should do after getting a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmartSteps {
+    /// Discovery and the token only.
+    Token,
+    /// Then `Patient?_count=1` and a read of the Patient it found.
+    SearchAndRead,
+}
+
+/// The SMART backend services flow by PyPI fhirclient (`e2e/smart_backend.py`
+/// with the virtualenv's python): endpoints discovered from
+/// `<base_url>/.well-known/smart-configuration` (or, when `discovery` is
+/// given, from that URL: a `/.well-known/…` document, or else the token
+/// endpoint itself), a client assertion signed with `private_key_pem` (alg
+/// from the key: RS384 for RSA, ES384 for P-384, ES256 for P-256), a
+/// `client_credentials` token for `scopes`, then the `steps`. Trusts only
+/// `ca_file` (it may name several CAs, e.g. the gateway's and the
+/// provider's, concatenated). Prints and returns JSON: `token_endpoint`,
+/// `scope`, `expires_in`, the token's `jti`, `aud`, `kid` (never the token),
+/// and for searches `search.status`, `search.resource_types`,
+/// `read.status`, `read.resource_type`, `read.id`.
+pub fn fhirclient_backend_services(
+    base_url: &str,
+    discovery: Option<&str>,
+    client_id: &str,
+    private_key_pem: &Path,
+    scopes: &[&str],
+    ca_file: &Path,
+    steps: SmartSteps,
+) -> Result<Value> {
+    let python = crate::venv::tool("python")?;
+    let mut command = Command::new(python);
+    command
+        .arg(crate::crate_dir().join("smart_backend.py"))
+        .args(["--base", base_url, "--client-id", client_id, "--key"])
+        .arg(private_key_pem)
+        .args(["--scope", &scopes.join(" ")]);
+    if let Some(discovery) = discovery {
+        command.args(["--discovery", discovery]);
+    }
+    if steps == SmartSteps::Token {
+        command.arg("--token-only");
+    }
+    python_env(&mut command, ca_file);
+    let out = run(&mut command)?;
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("smart_backend.py printed no JSON: {}", String::from_utf8_lossy(&out.stdout)))
 }
