@@ -105,13 +105,17 @@ fn tokens_carry_the_resource_and_the_clients_scopes_and_verify_against_the_jwks_
 }
 
 #[test]
-fn es256_signing() {
-    let idp = Idp::start(IdpOptions { signing_alg: jsonwebtoken::Algorithm::ES256, ..IdpOptions::default() })
+fn es256_signing_and_a_default_resource() {
+    let mut idp = Idp::start(IdpOptions { signing_alg: jsonwebtoken::Algorithm::ES256, ..IdpOptions::default() })
         .expect("the OpenID provider");
     let token = idp.token(CLINICAL_PORTAL, &["system/Observation.read"], FHIR_BASE).unwrap();
     let (header, _) = decode_unverified(&token).unwrap();
     assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256);
     verify(&token, &idp.jwks().unwrap(), &idp.issuer(), FHIR_BASE).expect("verifies");
+    // Asked for without a resource, a token is for the default resource.
+    idp.set_default_resource(FHIR_BASE).expect("a default resource");
+    let token = idp.token(CLINICAL_PORTAL, &["system/Observation.read"], "").unwrap();
+    verify(&token, &idp.jwks().unwrap(), &idp.issuer(), FHIR_BASE).expect("for the default resource");
 }
 
 /// A static HTTPS server (Python's http.server with the provider's test
