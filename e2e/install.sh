@@ -15,13 +15,14 @@
 #   once) and its pause and nginx images (about 2 minutes, once);
 # - the tests' Python virtualenv (Helm's SDK, hadolint, FHIR clients), the
 #   S3 server of the backup tests (s3s-fs, built once; about 3 minutes), and
-#   the real FHIR server (hfs, unpacked from ../shared; xz and npm for it).
+#   the real FHIR server (hfs, unpacked from ../shared; xz and npm for it),
+#   and the OpenID provider of the SMART tests (oidc-provider, npm, on node).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { echo "install: $*" >&2; }
 
 missing=()
-for pair in openssl:openssl nginx:nginx promtool:prometheus curl:curl lua5.1:lua5.1 lua5.4:lua5.4 flock:util-linux xz:xz-utils npm:npm dockerd:docker.io debootstrap:debootstrap gcc:gcc; do
+for pair in openssl:openssl node:nodejs nginx:nginx promtool:prometheus curl:curl lua5.1:lua5.1 lua5.4:lua5.4 flock:util-linux xz:xz-utils npm:npm dockerd:docker.io debootstrap:debootstrap gcc:gcc; do
   command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3 python3-venv)
@@ -47,3 +48,4 @@ bash e2e/images.sh >/dev/null
 bash e2e/venv.sh >/dev/null
 bash e2e/s3s.sh >/dev/null
 bash e2e/hfs.sh >/dev/null
+bash e2e/idp.sh >/dev/null

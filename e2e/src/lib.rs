@@ -13,6 +13,7 @@ pub mod fault_proxy;
 pub mod fhir_client;
 pub mod helm;
 pub mod hfs;
+pub mod idp;
 pub mod node;
 pub mod operator;
 pub mod postgres;
