@@ -13,7 +13,7 @@ DEMO_NAMESPACE ?= fhir-demo
 # `deps` (e2e/install.sh) installs it, with everything else the tests need.
 TEST_RUNNER := cargo nextest run --no-fail-fast
 
-.PHONY: help deps test unit e2e lint crds chart cluster cluster-down demo build bench
+.PHONY: help deps test unit e2e lint crds chart cluster cluster-down demo build bench bench-gateway
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -40,6 +40,10 @@ k8s-binaries:
 bench: k8s-binaries ## FhirEndpoint convergence vs a no-controller baseline (100 and 1,000 endpoints)
 	cargo build --release -p fhir-operator -p fhir-operator-e2e --bins
 	$(CARGO_TARGET_DIR)/release/bench --endpoints $(or $(BENCH_ENDPOINTS),100,1000)
+
+bench-gateway: deps ## gateway latency and throughput: API keys vs token verification, cached and uncached
+	cargo build --release -p fhir-operator -p fhir-operator-e2e --bins
+	$(CARGO_TARGET_DIR)/release/gateway_bench
 
 lint: deps ## rustfmt and clippy, warnings are errors
 	cargo fmt --all --check

@@ -24,8 +24,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use fhir_operator::fhirendpoint::gateway::{
-    ACCESS_LOG_FIELDS, GatewayError, GatewaySettings, HEALTH_PATH, LimitKey, Limits, MAX_API_KEY_LEN, Rate,
-    api_keys_map, nginx_conf,
+    ACCESS_LOG_FIELDS, GatewayAuth, GatewayError, GatewaySettings, HEALTH_PATH, LimitKey, Limits, MAX_API_KEY_LEN,
+    Rate, api_keys_map, nginx_conf,
 };
 use serde_json::Value;
 use support::*;
@@ -670,6 +670,25 @@ fn nginx_accepts_every_shape_of_configuration() {
         let output = site.nginx_t();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains("test is successful"), "{shape}: {stderr}");
+        // The same with the token verifier and a SMART configuration.
+        let mut verified = site.settings.clone();
+        let smart = site.dir.path().join("smart-configuration.json");
+        std::fs::write(&smart, "{}").expect("smart configuration");
+        verified.auth = Some(GatewayAuth {
+            verifier: "127.0.0.1:9114".into(),
+            base_path: "/fhir".into(),
+            smart_configuration: Some(smart.display().to_string()),
+        });
+        let conf = nginx_conf(&verified).expect("renders with the verifier");
+        assert!(
+            conf.contains("auth_request /_fhir_auth;")
+                && conf.contains("location = /fhir/.well-known/smart-configuration")
+        );
+        std::fs::write(&site.conf, conf).expect("write conf");
+        hand_to_nginx(site.dir.path());
+        let output = site.nginx_t();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("test is successful"), "{shape} with the verifier: {stderr}");
     }
 }
 

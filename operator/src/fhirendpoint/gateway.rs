@@ -333,7 +333,7 @@ struct Zone {
 fn counted_per(limits: &Limits, verified: bool) -> &'static str {
     match (limits.key, verified) {
         (LimitKey::Client, false) => "$client_id",
-        (LimitKey::Client, true) => "$fhir_limit_client",
+        (LimitKey::Client, true) => "$auth_client",
         (LimitKey::SourceIp, _) => "$binary_remote_addr",
     }
 }
@@ -463,16 +463,6 @@ fn render_http(c: &mut Conf, s: &GatewaySettings, temp: &str) {
         c.line(format!("include {};", s.api_keys_map));
     });
     c.line("");
-    if s.auth.is_some() && s.limits.key == LimitKey::Client {
-        c.comment(
-            "Limits run before the token verifier: a request without an API key\n\
-             counts against its bearer token (one budget per token).",
-        );
-        c.block("map $client_id $fhir_limit_client", |c| {
-            c.line("\"\" $http_authorization;");
-            c.line("default $client_id;");
-        });
-    }
     render_limit_zones(c, &s.limits, s.auth.is_some());
     c.line("");
     c.comment("Connections to the FHIR server are kept open between requests.");
@@ -549,13 +539,14 @@ fn render_server(c: &mut Conf, s: &GatewaySettings) {
         render_auth_locations(c, auth);
     }
     c.line("");
-    c.block("location /", |c| {
-        match &s.auth {
-            None => {
-                c.comment("Runs before the rate limits: a request without a valid key costs no client's budget.");
-                c.block("if ($client_id = \"\")", |c| c.line("return 401;"));
-            }
-            Some(_) => {
+    match &s.auth {
+        None => c.block("location /", |c| {
+            c.comment("Runs before the rate limits: a request without a valid key costs no client's budget.");
+            c.block("if ($client_id = \"\")", |c| c.line("return 401;"));
+            proxy_to_server(c, s);
+        }),
+        Some(_) => {
+            c.block("location /", |c| {
                 c.comment(
                     "Every request is checked by the token verifier: an API key's\n\
                      client or a bearer token, and the scopes of either.",
@@ -564,55 +555,17 @@ fn render_server(c: &mut Conf, s: &GatewaySettings) {
                 for (variable, header) in AUTH_VARIABLES {
                     c.line(format!("auth_request_set ${variable} $upstream_http_{header};"));
                 }
-            }
-        }
-        for zone in zones(&s.limits, s.auth.is_some()) {
-            // Never burst=0: without a burst nginx keeps no credit for the
-            // time between requests, so a client sending a little above the
-            // rate is refused well below it (12/s against 10/s measured at
-            // about 6/s). With burst 1 it admits the configured rate.
-            let burst = zone.rate.burst.max(1);
-            c.line(format!("limit_req zone={} burst={burst} nodelay;", zone.name));
-        }
-        c.line("proxy_pass http://fhir_server;");
-        c.line("proxy_http_version 1.1;");
-        c.line("proxy_set_header Connection \"\";");
-        c.line("proxy_set_header Host $host;");
-        c.comment(
-            "The gateway is the edge: a client's own X-Forwarded-* and Forwarded\n\
-             headers are replaced, never passed on. Host and port are the\n\
-             endpoint's public URL, as the FHIR server is also told it.",
-        );
-        c.line("proxy_set_header X-Forwarded-For $remote_addr;");
-        c.line("proxy_set_header X-Forwarded-Proto https;");
-        c.line(format!("proxy_set_header X-Forwarded-Host {};", s.public_host));
-        c.line(format!("proxy_set_header X-Forwarded-Port {};", s.public_port));
-        c.line("proxy_set_header X-Forwarded-Prefix \"\";");
-        c.line("proxy_set_header X-Forwarded-Server \"\";");
-        c.line("proxy_set_header X-Real-IP \"\";");
-        c.line("proxy_set_header Forwarded \"\";");
-        c.line("proxy_set_header X-Request-ID $request_id;");
-        match &s.auth {
-            None => {
-                c.line("proxy_set_header X-Client-ID $client_id;");
-                c.line("proxy_set_header X-Client-Subject \"\";");
-                c.line("proxy_set_header X-Client-Scopes \"\";");
-            }
-            Some(_) => {
                 c.comment(
-                    "Who the verifier authenticated, and the scopes in force; a\n\
-                     client's own headers of these names are replaced.",
+                    "try_files runs after the verifier: the rate limits in @fhir count\n\
+                     per authenticated client, and a refused request costs no budget\n\
+                     and no limit-zone memory (the file never exists).",
                 );
-                c.line("proxy_set_header X-Client-ID $auth_client;");
-                c.line("proxy_set_header X-Client-Subject $auth_subject;");
-                c.line("proxy_set_header X-Client-Scopes $auth_scopes;");
-            }
+                c.line("try_files /.fhir-gateway-no-such-file @fhir;");
+            });
+            c.line("");
+            c.block("location @fhir", |c| proxy_to_server(c, s));
         }
-        c.comment("The FHIR server never sees API keys or bearer tokens.");
-        c.line("proxy_set_header X-API-Key \"\";");
-        c.line("proxy_set_header Authorization \"\";");
-        c.line("proxy_hide_header X-Powered-By;");
-    });
+    }
     let too_large = format!("The request body is larger than {} bytes.", s.limits.max_body_bytes);
     let retry_after = format!("add_header Retry-After {RETRY_AFTER_SECONDS} always;");
     let verified = s.auth.is_some();
@@ -649,6 +602,56 @@ fn render_server(c: &mut Conf, s: &GatewaySettings) {
             ));
         });
     }
+}
+
+/// Rate limits, then the FHIR server: headers replaced, credentials dropped.
+fn proxy_to_server(c: &mut Conf, s: &GatewaySettings) {
+    for zone in zones(&s.limits, s.auth.is_some()) {
+        // Never burst=0: without a burst nginx keeps no credit for the
+        // time between requests, so a client sending a little above the
+        // rate is refused well below it (12/s against 10/s measured at
+        // about 6/s). With burst 1 it admits the configured rate.
+        let burst = zone.rate.burst.max(1);
+        c.line(format!("limit_req zone={} burst={burst} nodelay;", zone.name));
+    }
+    c.line("proxy_pass http://fhir_server;");
+    c.line("proxy_http_version 1.1;");
+    c.line("proxy_set_header Connection \"\";");
+    c.line("proxy_set_header Host $host;");
+    c.comment(
+        "The gateway is the edge: a client's own X-Forwarded-* and Forwarded\n\
+         headers are replaced, never passed on. Host and port are the\n\
+         endpoint's public URL, as the FHIR server is also told it.",
+    );
+    c.line("proxy_set_header X-Forwarded-For $remote_addr;");
+    c.line("proxy_set_header X-Forwarded-Proto https;");
+    c.line(format!("proxy_set_header X-Forwarded-Host {};", s.public_host));
+    c.line(format!("proxy_set_header X-Forwarded-Port {};", s.public_port));
+    c.line("proxy_set_header X-Forwarded-Prefix \"\";");
+    c.line("proxy_set_header X-Forwarded-Server \"\";");
+    c.line("proxy_set_header X-Real-IP \"\";");
+    c.line("proxy_set_header Forwarded \"\";");
+    c.line("proxy_set_header X-Request-ID $request_id;");
+    match &s.auth {
+        None => {
+            c.line("proxy_set_header X-Client-ID $client_id;");
+            c.line("proxy_set_header X-Client-Subject \"\";");
+            c.line("proxy_set_header X-Client-Scopes \"\";");
+        }
+        Some(_) => {
+            c.comment(
+                "Who the verifier authenticated, and the scopes in force; a\n\
+                 client's own headers of these names are replaced.",
+            );
+            c.line("proxy_set_header X-Client-ID $auth_client;");
+            c.line("proxy_set_header X-Client-Subject $auth_subject;");
+            c.line("proxy_set_header X-Client-Scopes $auth_scopes;");
+        }
+    }
+    c.comment("The FHIR server never sees API keys or bearer tokens.");
+    c.line("proxy_set_header X-API-Key \"\";");
+    c.line("proxy_set_header Authorization \"\";");
+    c.line("proxy_hide_header X-Powered-By;");
 }
 
 /// nginx variables the verifier's answer headers are read into.
