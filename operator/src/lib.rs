@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod apply;
+pub mod audit;
 pub mod backup;
 pub mod chart;
 pub mod conditions;
@@ -19,6 +20,7 @@ pub mod rbac;
 pub mod render;
 pub mod run;
 pub mod server;
+pub mod storage;
 pub mod telemetry;
 pub mod validation;
 
