@@ -522,6 +522,43 @@ fn retention_prunes_exactly_the_expired_segments_and_verify_tells_it_from_a_dele
     assert!(text(&output).contains("checkpoint 3 is missing"), "{}", text(&output));
 }
 
+#[test]
+fn a_seal_interrupted_by_a_kill_is_finished_over_exactly_its_range() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = keys(dir.path());
+    let log = dir.path().join("access.log");
+    let state = dir.path().join("access.log.audit-state.json");
+    let trail = dir.path().join("trail");
+    append(&log, &lines(1_767_225_600, 7));
+    // A file where the segments directory belongs: the seal of the first
+    // five records is begun (its range and time recorded in the state)
+    // and cannot finish.
+    std::fs::create_dir_all(trail.join(STREAM)).expect("mkdir");
+    std::fs::write(trail.join(STREAM).join("segments"), b"in the way").expect("write");
+    let options = ["--max-segment-records", "5"];
+    let mut sidecar = Sidecar::new(&log, &dir_destination(&trail), &keys.private, &options, &[]);
+    sidecar.start();
+    let begun = || std::fs::read_to_string(&state).is_ok_and(|s| s.contains("\"end_offset\""));
+    wait_until(begun, "a seal begun", &sidecar);
+    wait_until(|| sidecar.output().contains("cannot write the audit seal"), "a failed seal", &sidecar);
+    sidecar.kill();
+    // More requests while it is down; then the destination is writable again.
+    append(&log, &lines(1_767_225_700, 4));
+    std::fs::remove_file(trail.join(STREAM).join("segments")).expect("remove");
+    // Segments of up to 100 now: only the recorded range makes the first five.
+    sidecar.extra = vec!["--max-segment-records".into(), "100".into()];
+    sidecar.start();
+    sidecar.stop();
+    let output = verify(&dir_destination(&trail), &keys, &[]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(text(&output).contains(", 11 records, seq 1..=11"), "{}", text(&output));
+    let sealed = checkpoints(&trail);
+    let counts: Vec<u64> = sealed.iter().map(|c| c.checkpoint.count).collect();
+    assert_eq!(counts, [5, 6], "the begun seal held exactly its five records, the rest came after");
+    let times: Vec<&str> = sealed.iter().map(|c| c.checkpoint.first_time.as_str()).collect();
+    assert_eq!(times[..2], ["2026-01-01T00:00:00Z", "2026-01-01T00:00:05Z"]);
+}
+
 // ---------------------------------------------------------------------------
 // Under load
 

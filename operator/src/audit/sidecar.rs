@@ -150,8 +150,8 @@ impl State {
                 period_end: cp.period_end.clone(),
                 pruned: cp.pruned.clone(),
                 source_reset: format!(
-                    "the sidecar's state was lost: the chain continues after checkpoint {}, and access-log lines \
-                     written before this segment may be missing",
+                    "the sidecar's state was lost: the chain continues after checkpoint {}; access-log lines \
+                     before this segment may be missing, or repeated if the log outlived the state",
                     cp.index
                 ),
                 sealing: None,
@@ -411,7 +411,18 @@ pub async fn run(args: SidecarArgs) -> Result<(), SidecarError> {
     let mut state = match load_state(&state_path)? {
         Some(state) if state.stream == args.stream => state,
         _ => {
-            let newest = store.newest_checkpoint(&args.stream).await?;
+            // Without a state the chain continues after the destination's
+            // newest checkpoint, so the destination must answer first.
+            let newest = loop {
+                match store.newest_checkpoint(&args.stream).await {
+                    Ok(newest) => break newest,
+                    Err(e) => {
+                        audit.seal_errors.inc();
+                        tracing::warn!(error = %e, "cannot read the destination's newest checkpoint; retrying");
+                        tokio::time::sleep(RETRY).await;
+                    }
+                }
+            };
             let state = State::start(&args.stream, &format_time(Utc::now()), newest.as_ref().map(|s| &s.checkpoint));
             if newest.is_some() {
                 audit.source_resets.inc();
