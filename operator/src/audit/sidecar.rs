@@ -509,3 +509,52 @@ pub async fn run(args: SidecarArgs) -> Result<(), SidecarError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_state_continues_the_chain_after_the_newest_checkpoint_and_says_so() {
+        let fresh = State::start("gw-0", "2026-01-01T00:00:00Z", None);
+        assert_eq!((fresh.next_seq, fresh.head.as_str(), fresh.checkpoint_index), (1, GENESIS, 0));
+        assert!(fresh.source_reset.is_empty());
+
+        let key = parse_signing_key(&super::super::generate_signing_key().expect("key").private_pem).expect("key");
+        let mut chain = fresh.chain();
+        let mut pending = Pending::new(chain.next_seq);
+        pending.push(&mut chain, Record::from_log_line(b"x", "2026-01-01T00:00:01Z"));
+        let sealing = Sealing { end_offset: 2, sealed_at: "2026-01-01T00:05:00Z".into(), pruned: None };
+        let first = fresh.checkpoint(&pending, &chain, &sealing, &key);
+        assert_eq!((first.index, first.first_seq, first.last_seq, first.count), (1, 1, 1, 1));
+        assert_eq!(
+            (first.period_start.as_str(), first.period_end.as_str()),
+            ("2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z")
+        );
+
+        let resumed = State::start("gw-0", "2026-01-02T00:00:00Z", Some(&first));
+        assert_eq!((resumed.next_seq, resumed.head.as_str(), resumed.checkpoint_index), (2, first.head.as_str(), 1));
+        assert_eq!(
+            (resumed.checkpoint_hash.clone(), resumed.period_end.as_str()),
+            (first.hash(), "2026-01-01T00:05:00Z")
+        );
+        assert!(resumed.source_reset.contains("after checkpoint 1"));
+        // An empty seal keeps the head and carries the reset.
+        let empty = resumed.checkpoint(&Pending::new(2), &resumed.chain(), &sealing, &key);
+        assert_eq!((empty.first_seq, empty.last_seq, empty.count, empty.segment.as_str()), (2, 1, 0, ""));
+        assert_eq!((empty.head.as_str(), empty.prev_checkpoint), (first.head.as_str(), first.hash()));
+        assert!(!empty.source_reset.is_empty());
+    }
+
+    #[test]
+    fn the_state_file_is_replaced_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.json");
+        write_atomically(&path, b"{\"a\":1}").expect("writes");
+        write_atomically(&path, b"{}").expect("writes");
+        assert_eq!(std::fs::read(&path).expect("reads"), b"{}");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("lists").count(), 1, "no temporary file left");
+        assert!(matches!(load_state(&path), Err(SidecarError::State { .. })));
+        assert!(matches!(load_state(&dir.path().join("missing")), Ok(None)));
+    }
+}

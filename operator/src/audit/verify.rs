@@ -346,3 +346,92 @@ fn check_segment(cp: &Checkpoint, bytes: &[u8], expect: &mut Expect) -> Result<(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::chain::Chain;
+    use super::super::checkpoint::VERSION;
+    use super::super::segment::Pending;
+    use super::*;
+
+    /// Five chained records (seq 1..=5) and the checkpoint that seals them.
+    fn sealed() -> (Vec<u8>, Checkpoint) {
+        let mut chain = Chain::default();
+        let mut pending = Pending::new(1);
+        for i in 0..5 {
+            let line = format!(
+                r#"{{"time":"2026-01-01T00:00:0{i}Z","client":"billing","method":"GET","path":"/fhir/Patient/p{i}","status":200}}"#
+            );
+            pending.push(&mut chain, Record::from_log_line(line.as_bytes(), ""));
+        }
+        let checkpoint = Checkpoint {
+            version: VERSION,
+            stream: "s".into(),
+            index: 1,
+            prev_checkpoint: GENESIS.into(),
+            segment: pending.name(),
+            segment_sha256: pending.sha256(),
+            first_seq: 1,
+            last_seq: 5,
+            count: 5,
+            first_time: pending.first_time.clone(),
+            last_time: pending.last_time.clone(),
+            head: chain.head.clone(),
+            period_start: "2025-12-31T23:59:00Z".into(),
+            period_end: "2026-01-01T00:00:10Z".into(),
+            pruned: None,
+            source_reset: String::new(),
+            key_id: "k".into(),
+        };
+        (pending.bytes, checkpoint)
+    }
+
+    fn check(bytes: &[u8], checkpoint: &Checkpoint) -> Result<(), (u64, String)> {
+        let mut expect = Expect {
+            index: 1,
+            prev_checkpoint: GENESIS.into(),
+            seq: 1,
+            head: GENESIS.into(),
+            period_start: None,
+            last_time: None,
+        };
+        check_segment(checkpoint, bytes, &mut expect)
+    }
+
+    fn edit(bytes: &[u8], f: impl FnOnce(&mut Vec<String>)) -> Vec<u8> {
+        let mut lines: Vec<String> = String::from_utf8_lossy(bytes).lines().map(str::to_owned).collect();
+        f(&mut lines);
+        (lines.join("\n") + "\n").into_bytes()
+    }
+
+    #[test]
+    fn an_intact_segment_passes() {
+        let (bytes, checkpoint) = sealed();
+        assert_eq!(check(&bytes, &checkpoint), Ok(()));
+    }
+
+    #[test]
+    fn each_change_names_its_record() {
+        let (bytes, checkpoint) = sealed();
+        let cases: Vec<(&str, Vec<u8>, u64)> = vec![
+            ("an edited value", edit(&bytes, |l| l[2] = l[2].replace("\"outcome\":200", "\"outcome\":201")), 3),
+            ("an edited last record", edit(&bytes, |l| l[4] = l[4].replace("p4", "p9")), 5),
+            ("a deleted record", edit(&bytes, |l| drop(l.remove(1))), 2),
+            ("a deleted last record", edit(&bytes, |l| drop(l.pop())), 5),
+            ("two records swapped", edit(&bytes, |l| l.swap(1, 3)), 2),
+            ("a repeated record", edit(&bytes, |l| l.insert(2, l[1].clone())), 3),
+            ("a line that is no record", edit(&bytes, |l| l[3] = "{}".into()), 4),
+            ("a record in another form", edit(&bytes, |l| l[3] = l[3].replace(",", ", ")), 4),
+        ];
+        for (what, tampered, seq) in cases {
+            let result = check(&tampered, &checkpoint);
+            assert_eq!(result.as_ref().map_err(|e| e.0), Err(seq), "{what}: {result:?}");
+        }
+        let mut late = checkpoint.clone();
+        late.period_end = "2026-01-01T00:00:01Z".into();
+        assert_eq!(check(&bytes, &late).map_err(|e| e.0), Err(5), "a record sealed before it was written (2 s slack)");
+        let mut other = checkpoint;
+        other.segment_sha256 = "0".repeat(64);
+        assert!(check(&bytes, &other).is_err_and(|e| e.1.contains("SHA-256")));
+    }
+}
