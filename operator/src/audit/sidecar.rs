@@ -106,7 +106,8 @@ pub struct State {
     pub offset: u64,
     pub next_seq: u64,
     pub head: String,
-    /// Time of the last record chained (the time of an unreadable line).
+    /// Time of the last record sealed: an unreadable line after it gets
+    /// its time (so that a seal done again after a kill is the same).
     pub last_time: String,
     /// The last checkpoint written (0: none) and its hash.
     pub checkpoint_index: u64,
@@ -221,6 +222,8 @@ struct Sidecar {
     pending: Pending,
     /// End offset of the last line in `pending`.
     pending_end: u64,
+    /// Time of the last record chained, sealed or not.
+    last_time: String,
     gateway: Arc<GatewayMetrics>,
     audit: Arc<AuditMetrics>,
     last_prune_check: Option<std::time::Instant>,
@@ -258,10 +261,10 @@ impl Sidecar {
             }
             _ => {
                 self.gateway.observe_unreadable();
-                Record::from_log_line(line, &self.state.last_time)
+                Record::from_log_line(line, &self.last_time)
             }
         };
-        self.state.last_time = record.time.clone();
+        self.last_time = record.time.clone();
         self.pending.push(&mut self.chain, record);
         self.pending_end = end;
         self.audit.records.inc();
@@ -327,6 +330,7 @@ impl Sidecar {
         self.state.checkpoint_index = cp.index;
         self.state.checkpoint_hash = cp.hash();
         self.state.period_end = sealing.sealed_at.clone();
+        self.state.last_time = self.last_time.clone();
         self.state.pruned = sealing.pruned.clone();
         self.state.source_reset.clear();
         self.state.sealing = None;
@@ -435,6 +439,7 @@ pub async fn run(args: SidecarArgs) -> Result<(), SidecarError> {
     let mut sidecar = Sidecar {
         pending: Pending::new(chain.next_seq),
         pending_end: state.offset,
+        last_time: state.last_time.clone(),
         chain,
         state,
         state_path,
