@@ -86,3 +86,32 @@ pub fn sidecar_args(seal_every: &str, retention: &str, destination: &[String]) -
     args.extend(destination.iter().cloned());
     args
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn sidecar_args_are_what_the_sidecar_accepts() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: sidecar::SidecarArgs,
+        }
+        let destination = ["--s3-bucket".to_owned(), "fhir-audit".to_owned(), "--s3-prefix".to_owned(), "p".to_owned()];
+        let mut argv = vec!["audit-sidecar".to_owned(), "--stream".to_owned(), "patients-0".to_owned()];
+        argv.extend(sidecar_args("5m", "6y", &destination));
+        let args = Cli::try_parse_from(argv).expect("parses").args;
+        assert_eq!(args.access_log.to_str(), Some(ACCESS_LOG_FILE));
+        assert_eq!(args.signing_key.to_str(), Some("/etc/fhir-audit/signing-key.pem"));
+        assert_eq!(args.seal_every, std::time::Duration::from_secs(300));
+        assert_eq!(args.retention, parse_duration("6y").expect("duration"));
+        assert_eq!(
+            (args.destination.s3_bucket.as_deref(), args.destination.s3_prefix.as_str()),
+            (Some("fhir-audit"), "p")
+        );
+        assert_eq!(args.metrics_listen.port(), crate::fhirendpoint::gateway::METRICS_PORT);
+    }
+}
