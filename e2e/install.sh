@@ -3,7 +3,8 @@
 # install step of `make test` (and so of `.ci/run`). Idempotent and quiet
 # when all is there; each install says what it installs and why.
 #
-# - Debian packages: nginx (the gateway, `nginx -t` and live), prometheus
+# - Debian packages: nginx (the gateway, `nginx -t` and live), wrk (the
+#   audit trail's load), prometheus
 #   (promtool), lua5.1 and lua5.4 (the Argo CD health checks), postgresql 15
 #   (backups and restores), openssl and curl, python3-venv (the tests'
 #   Python tools), etcd and the Go toolchain (through the control plane's
@@ -22,7 +23,7 @@ cd "$(dirname "$0")/.."
 say() { echo "install: $*" >&2; }
 
 missing=()
-for pair in openssl:openssl node:nodejs nginx:nginx promtool:prometheus curl:curl lua5.1:lua5.1 lua5.4:lua5.4 flock:util-linux xz:xz-utils npm:npm dockerd:docker.io debootstrap:debootstrap gcc:gcc; do
+for pair in openssl:openssl node:nodejs nginx:nginx promtool:prometheus curl:curl lua5.1:lua5.1 lua5.4:lua5.4 flock:util-linux xz:xz-utils npm:npm dockerd:docker.io debootstrap:debootstrap gcc:gcc wrk:wrk; do
   command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3 python3-venv)

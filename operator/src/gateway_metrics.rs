@@ -316,6 +316,18 @@ impl GatewayMetrics {
         Self { registry, requests, rejections, durations, parse_errors, certificate }
     }
 
+    /// Where other metrics of the same process register, so that one
+    /// `/metrics` serves them all (the audit sidecar's).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// Counts an access-log line that could not be read (from a file,
+    /// where there is no datagram).
+    pub fn observe_unreadable(&self) {
+        self.parse_errors.inc();
+    }
+
     /// Counts one datagram: as a request when it parses, else as a parse error.
     pub fn record_datagram(&self, datagram: &[u8]) -> Result<(), ParseError> {
         let parsed = parse_datagram(datagram);
@@ -396,7 +408,7 @@ pub fn certificate_not_after(pem: &[u8]) -> Result<i64, CertificateError> {
 }
 
 struct Sidecar {
-    metrics: GatewayMetrics,
+    metrics: Arc<GatewayMetrics>,
     certificate: Option<PathBuf>,
 }
 
@@ -415,27 +427,35 @@ impl Sidecar {
 /// Runs the sidecar until the process is stopped (SIGTERM or SIGINT, which
 /// end it cleanly: as a container's PID 1 it gets no default handlers).
 pub async fn run(args: Args) -> std::io::Result<()> {
-    let sidecar = Arc::new(Sidecar {
-        metrics: GatewayMetrics::new(args.tls_certificate.is_some()),
-        certificate: args.tls_certificate,
-    });
-    sidecar.refresh_certificate().await;
+    let metrics = Arc::new(GatewayMetrics::new(args.tls_certificate.is_some()));
     // Both sockets are bound before anything is served, so a `/healthz`
     // answer means datagrams are being received.
     let socket = UdpSocket::bind(args.syslog_listen).await?;
     let listener = TcpListener::bind(args.metrics_listen).await?;
     tracing::info!(syslog = %socket.local_addr()?, metrics = %listener.local_addr()?, "gateway-metrics listening");
-    let app = axum::Router::new()
-        .route("/metrics", get(serve_metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(Arc::clone(&sidecar));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        received = receive(socket, &sidecar.metrics) => received,
-        served = axum::serve(listener, app).into_future() => served,
+        received = receive(socket, &metrics) => received,
+        served = serve(listener, Arc::clone(&metrics), args.tls_certificate) => served,
         _ = terminate.recv() => Ok(()),
         interrupted = tokio::signal::ctrl_c() => interrupted,
     }
+}
+
+/// Serves `/metrics` (re-reading `certificate` at every scrape) and
+/// `/healthz` on `listener` until an error.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<GatewayMetrics>,
+    certificate: Option<PathBuf>,
+) -> std::io::Result<()> {
+    let sidecar = Arc::new(Sidecar { metrics, certificate });
+    sidecar.refresh_certificate().await;
+    let app = axum::Router::new()
+        .route("/metrics", get(serve_metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(sidecar);
+    axum::serve(listener, app).await
 }
 
 async fn receive(socket: UdpSocket, metrics: &GatewayMetrics) -> std::io::Result<()> {

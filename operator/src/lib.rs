@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod apply;
+pub mod audit;
 pub mod backup;
 pub mod chart;
 pub mod conditions;
@@ -21,6 +22,7 @@ pub mod render;
 pub mod run;
 pub mod server;
 pub mod smart;
+pub mod storage;
 pub mod telemetry;
 pub mod validation;
 

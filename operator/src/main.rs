@@ -22,6 +22,10 @@ enum Command {
     GatewayMetrics(fhir_operator::gateway_metrics::Args),
     /// Sidecar: verify API keys' scopes and OAuth bearer tokens for nginx's auth_request.
     GatewayAuth(fhir_operator::gateway_auth::Args),
+    /// Sidecar: follow the gateway's access log into the signed audit trail, and serve its metrics.
+    AuditSidecar(fhir_operator::audit::sidecar::SidecarArgs),
+    /// Read the audit trail: `verify` it end to end, or `query` it.
+    Audit(fhir_operator::audit::cli::AuditArgs),
     /// Inside a backup or restore drill Job: encrypt and upload, fetch, verify.
     BackupAgent(fhir_operator::backup::agent::AgentArgs),
     /// Recover: restore a backup into a database you name, and verify it.
@@ -70,6 +74,12 @@ fn main() -> ExitCode {
             );
             Ok::<(), String>(())
         }),
+        Command::AuditSidecar(args) => block_on(async {
+            fhir_operator::telemetry::init();
+            fhir_operator::audit::sidecar::run(args).await
+        })
+        .map_err(|e| e.to_string()),
+        Command::Audit(args) => block_on(fhir_operator::audit::cli::run(args)),
         Command::GatewayMetrics(args) => block_on(async {
             fhir_operator::telemetry::init();
             fhir_operator::gateway_metrics::run(args).await

@@ -7,128 +7,35 @@
 use std::sync::Arc;
 
 use futures::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
-use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use super::manifest::{DUMP_SUFFIX, MANIFEST_SUFFIX, Manifest};
-
-/// Environment variables the agent reads S3 credentials from (the Job sets
-/// them from the policy's credentials Secret).
-pub const ACCESS_KEY_ENV: &str = "AWS_ACCESS_KEY_ID";
-pub const SECRET_KEY_ENV: &str = "AWS_SECRET_ACCESS_KEY";
-
-/// Where to write, as flags of the agent and of `fhir-operator restore`.
-#[derive(clap::Args, Debug, Clone, Default)]
-#[group(skip)]
-pub struct DestinationArgs {
-    /// A directory (the mounted PersistentVolumeClaim, with its path).
-    #[arg(long, value_name = "DIR", required_unless_present = "s3_bucket", conflicts_with = "s3_bucket")]
-    pub dir: Option<std::path::PathBuf>,
-    /// An S3 bucket; credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
-    #[arg(long, value_name = "BUCKET")]
-    pub s3_bucket: Option<String>,
-    /// Key prefix in the bucket.
-    #[arg(long, value_name = "PREFIX", default_value = "", requires = "s3_bucket")]
-    pub s3_prefix: String,
-    /// Endpoint URL of an S3-compatible service (default: AWS for the region).
-    #[arg(long, value_name = "URL", requires = "s3_bucket")]
-    pub s3_endpoint: Option<String>,
-    #[arg(long, value_name = "REGION", requires = "s3_bucket")]
-    pub s3_region: Option<String>,
-}
-
-/// Errors name the destination (directory or bucket) and the object,
-/// never a credential.
-#[derive(Debug, thiserror::Error)]
-#[error("{destination}: {what}: {message}")]
-pub struct StoreError {
-    pub destination: String,
-    pub what: String,
-    pub message: String,
-}
+pub use crate::storage::{ACCESS_KEY_ENV, DestinationArgs, SECRET_KEY_ENV, StoreError, redact};
 
 /// An opened destination, for one policy.
 pub struct Destination {
     store: Arc<dyn ObjectStore>,
     /// `<root>/<namespace>/<policy>`.
     base: Path,
-    describe: String,
-    /// Values that must never appear in an error message.
-    secrets: Vec<String>,
+    opened: crate::storage::Opened,
 }
 
 impl Destination {
     pub fn open(args: &DestinationArgs, namespace: &str, policy: &str) -> Result<Self, StoreError> {
-        let (store, root, describe, secrets): (Arc<dyn ObjectStore>, String, String, Vec<String>) =
-            match (&args.dir, &args.s3_bucket) {
-                (Some(dir), _) => {
-                    let describe = format!("directory {}", dir.display());
-                    std::fs::create_dir_all(dir).map_err(|e| StoreError {
-                        destination: describe.clone(),
-                        what: "creating it".into(),
-                        message: e.to_string(),
-                    })?;
-                    let store = LocalFileSystem::new_with_prefix(dir).map_err(|e| StoreError {
-                        destination: describe.clone(),
-                        what: "opening it".into(),
-                        message: e.to_string(),
-                    })?;
-                    (Arc::new(store), String::new(), describe, Vec::new())
-                }
-                (None, Some(bucket)) => {
-                    let describe = match &args.s3_endpoint {
-                        Some(endpoint) => format!("s3 bucket {bucket} at {endpoint}"),
-                        None => format!("s3 bucket {bucket}"),
-                    };
-                    let access = std::env::var(ACCESS_KEY_ENV).unwrap_or_default();
-                    let secret = std::env::var(SECRET_KEY_ENV).unwrap_or_default();
-                    if access.is_empty() || secret.is_empty() {
-                        return Err(StoreError {
-                            destination: describe,
-                            what: "credentials".into(),
-                            message: format!("{ACCESS_KEY_ENV} and {SECRET_KEY_ENV} must both be set"),
-                        });
-                    }
-                    let mut builder = AmazonS3Builder::new()
-                        .with_bucket_name(bucket)
-                        .with_access_key_id(&access)
-                        .with_secret_access_key(&secret)
-                        .with_region(args.s3_region.clone().unwrap_or_else(|| "us-east-1".into()));
-                    if let Some(endpoint) = &args.s3_endpoint {
-                        builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
-                    }
-                    let store = builder.build().map_err(|e| StoreError {
-                        destination: describe.clone(),
-                        what: "configuring the client".into(),
-                        message: redact(&e.to_string(), &[&secret]),
-                    })?;
-                    (Arc::new(store), args.s3_prefix.trim_matches('/').to_owned(), describe, vec![secret])
-                }
-                (None, None) => {
-                    return Err(StoreError {
-                        destination: "no destination".into(),
-                        what: "arguments".into(),
-                        message: "one of --dir or --s3-bucket is required".into(),
-                    });
-                }
-            };
-        let base = Path::from_iter(root.split('/').chain([namespace, policy]).filter(|p| !p.is_empty()));
-        Ok(Destination { store, base, describe, secrets })
+        let opened = crate::storage::open(args)?;
+        let base = Path::from_iter(
+            opened.root.as_ref().split('/').chain([namespace, policy]).filter(|p| !p.is_empty()).map(str::to_owned),
+        );
+        Ok(Destination { store: opened.store.clone(), base, opened })
     }
 
     pub fn describe(&self) -> &str {
-        &self.describe
+        &self.opened.describe
     }
 
     fn error(&self, what: impl Into<String>, error: impl std::fmt::Display) -> StoreError {
-        let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
-        StoreError {
-            destination: self.describe.clone(),
-            what: what.into(),
-            message: redact(&error.to_string(), &secrets),
-        }
+        self.opened.error(what, error)
     }
 
     pub fn dump_path(&self, backup: &str) -> Path {
@@ -214,9 +121,4 @@ impl Destination {
 /// Creates a file only its owner can read.
 pub async fn private_file(path: &std::path::Path) -> std::io::Result<tokio::fs::File> {
     tokio::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).await
-}
-
-/// `text` with every non-empty secret replaced.
-pub fn redact(text: &str, secrets: &[&str]) -> String {
-    secrets.iter().filter(|s| !s.is_empty()).fold(text.to_owned(), |t, s| t.replace(s, "[redacted]"))
 }

@@ -24,29 +24,30 @@ use crate::fhirendpoint::validate::InvalidSpec;
 /// `24h`, `90d`, `1h30m`. `None` for anything else, for zero, and for a sum
 /// that does not fit in a [`SignedDuration`].
 pub fn parse_duration(text: &str) -> Option<SignedDuration> {
-    if text.is_empty() {
-        return None;
-    }
-    let mut total: i64 = 0;
-    let mut number: Option<i64> = None;
+    let seconds = sum_of_units(text, |unit| match unit {
+        's' => Some(1),
+        'm' => Some(60),
+        'h' => Some(3600),
+        'd' => Some(86_400),
+        _ => None,
+    })?;
+    Some(SignedDuration::from_secs(i64::try_from(seconds).ok()?))
+}
+
+/// The sum of `<whole number><unit>` terms, each unit's size in seconds
+/// given by `unit`: `None` for empty text, an unknown unit, a number
+/// without a unit, zero, or overflow. Shared by the durations of the specs.
+pub fn sum_of_units(text: &str, unit: impl Fn(char) -> Option<u64>) -> Option<u64> {
+    let mut total: u64 = 0;
+    let mut number: Option<u64> = None;
     for c in text.chars() {
         if let Some(digit) = c.to_digit(10) {
-            number = Some(number.unwrap_or(0).checked_mul(10)?.checked_add(i64::from(digit))?);
+            number = Some(number.unwrap_or(0).checked_mul(10)?.checked_add(u64::from(digit))?);
             continue;
         }
-        let unit: i64 = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            _ => return None,
-        };
-        total = total.checked_add(number.take()?.checked_mul(unit)?)?;
+        total = total.checked_add(number.take()?.checked_mul(unit(c)?)?)?;
     }
-    if number.is_some() || total == 0 {
-        return None;
-    }
-    Some(SignedDuration::from_secs(total))
+    (number.is_none() && total > 0).then_some(total)
 }
 
 /// A parsed five-field cron expression (or `@hourly`-style shorthand),

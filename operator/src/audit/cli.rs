@@ -1,0 +1,153 @@
+//! `fhir-operator audit verify` and `fhir-operator audit query`.
+
+use std::path::PathBuf;
+
+use super::checkpoint::parse_public_key;
+use super::query::{Filter, query};
+use super::record::parse_time;
+use super::store::{AuditStore, DestinationArgs};
+use super::verify::{Report, verify};
+
+#[derive(clap::Args, Debug)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    pub command: AuditCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Check every signature, segment, record link and gap of the trail;
+    /// exits non-zero naming the first broken segment and record.
+    Verify(VerifyArgs),
+    /// Print a client's or a patient's records in a time range, as JSON lines.
+    Query(QueryArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub destination: DestinationArgs,
+    /// The endpoint's Ed25519 public key: SubjectPublicKeyInfo PEM, or its
+    /// 32 bytes in base64.
+    #[arg(long, value_name = "FILE")]
+    pub public_key: PathBuf,
+    /// Only this stream (one gateway pod's chain); default every stream.
+    #[arg(long, value_name = "NAME")]
+    pub stream: Option<String>,
+    /// Print the report as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(group = clap::ArgGroup::new("who").required(true).multiple(true).args(["client", "patient"]))]
+pub struct QueryArgs {
+    #[command(flatten)]
+    pub destination: DestinationArgs,
+    /// Records of this client id.
+    #[arg(long, value_name = "ID")]
+    pub client: Option<String>,
+    /// Records whose URL named this patient (`Patient/<id>...`).
+    #[arg(long, value_name = "ID")]
+    pub patient: Option<String>,
+    /// From this time on (RFC 3339, e.g. 2025-03-07T00:00:00Z).
+    #[arg(long, value_name = "TIME", value_parser = time_arg)]
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Before this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = time_arg)]
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    #[arg(long, value_name = "NAME")]
+    pub stream: Option<String>,
+}
+
+fn time_arg(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    parse_time(text).ok_or_else(|| format!("{text:?} is not an RFC 3339 time such as 2025-03-07T00:00:00Z"))
+}
+
+pub async fn run(args: AuditArgs) -> Result<(), String> {
+    match args.command {
+        AuditCommand::Verify(args) => run_verify(args).await,
+        AuditCommand::Query(args) => {
+            let store = AuditStore::open(&args.destination).map_err(|e| e.to_string())?;
+            let filter = Filter {
+                client: args.client,
+                patient: args.patient,
+                since: args.since,
+                until: args.until,
+                stream: args.stream,
+            };
+            let mut out = std::io::stdout().lock();
+            let matched = query(&store, &filter, |record| {
+                use std::io::Write;
+                let _ = writeln!(out, "{}", serde_json::to_string(record).unwrap_or_default());
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            eprintln!("{matched} records");
+            Ok(())
+        }
+    }
+}
+
+async fn run_verify(args: VerifyArgs) -> Result<(), String> {
+    let text = std::fs::read_to_string(&args.public_key)
+        .map_err(|e| format!("reading the public key {}: {e}", args.public_key.display()))?;
+    let key = parse_public_key(&text).map_err(|e| format!("{}: {e}", args.public_key.display()))?;
+    let store = AuditStore::open(&args.destination).map_err(|e| e.to_string())?;
+    let report = verify(&store, &key, args.stream.as_deref()).await.map_err(|e| e.to_string())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    } else {
+        print!("{}", describe(&report));
+    }
+    if report.ok() {
+        return Ok(());
+    }
+    let broken: Vec<String> =
+        report.streams.iter().filter_map(|s| s.problem.as_ref().map(|p| format!("stream {}: {p}", s.stream))).collect();
+    if broken.is_empty() {
+        return Err(format!("{}: no audit stream found", report.destination));
+    }
+    Err(format!("the audit trail does not verify: {}", broken.join("; ")))
+}
+
+/// The text report: what was checked, per stream.
+pub fn describe(report: &Report) -> String {
+    let mut out = format!("destination: {}\n", report.destination);
+    for s in &report.streams {
+        out.push_str(&format!(
+            "stream {}: {} checkpoints ({} signatures verified), {} segments, {} records, seq {}..={}",
+            s.stream, s.checkpoints, s.signatures, s.segments, s.records, s.first_seq, s.last_seq
+        ));
+        if !s.first_time.is_empty() {
+            out.push_str(&format!(", records from {} to {}", s.first_time, s.last_time));
+        }
+        out.push_str(&format!(
+            ", last seal {}, longest period between seals {} s\n",
+            s.last_seal, s.longest_period_seconds
+        ));
+        if let Some(p) = &s.pruned {
+            out.push_str(&format!(
+                "  retention pruned checkpoints 1..={} (records up to seq {}) sealed before {}, decided {}\n",
+                p.through_index, p.through_seq, p.before, p.at
+            ));
+        }
+        if s.awaiting_deletion > 0 {
+            out.push_str(&format!(
+                "  {} pruned objects still present (deleted at the next pruning)\n",
+                s.awaiting_deletion
+            ));
+        }
+        for name in &s.unsealed {
+            out.push_str(&format!("  {name}: after the last checkpoint (a seal in progress)\n"));
+        }
+        for reset in &s.source_resets {
+            out.push_str(&format!("  warning: {reset}\n"));
+        }
+        match &s.problem {
+            Some(problem) => out.push_str(&format!("  BROKEN: {problem}\n")),
+            None => out.push_str("  OK\n"),
+        }
+    }
+    out
+}
