@@ -199,6 +199,7 @@ async fn every_child_the_operator_builds_passes_the_api_servers_schema() {
             capabilities,
             images: Images::default(),
             jwks: Vec::new(),
+            audit_public_key: None,
         };
         let children = build::build(&v, fhir_operator::meta::owner_ref(&ep), &inputs)
             .unwrap_or_else(|e| panic!("{what}: build: {e}"));
@@ -247,6 +248,7 @@ async fn every_child_the_operator_builds_passes_the_api_servers_schema() {
         capabilities,
         images: Images::default(),
         jwks: Vec::new(),
+        audit_public_key: None,
     };
     let deployment = build::build(&v, fhir_operator::meta::owner_ref(&ep), &inputs).expect("build").deployment;
     let mut unknown = serde_json::to_value(&deployment).expect("JSON");

@@ -225,6 +225,7 @@ fn render(endpoint: &FhirEndpoint) -> Rendered {
         capabilities: Capabilities { monitoring: false, pdb: PdbApi::V1 },
         images: Images::default(),
         jwks: Vec::new(),
+        audit_public_key: None,
     };
     let children =
         build::build(&v, fhir_operator::meta::owner_ref(endpoint), &inputs).expect("the operator builds children");

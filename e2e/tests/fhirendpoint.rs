@@ -179,7 +179,7 @@ async fn examples_get_their_children_become_ready_and_report_compliance() {
         let status = ep.status.clone().unwrap();
         assert_eq!(status.observed_generation, ep.metadata.generation);
         assert_eq!(status.url.as_deref(), Some(format!("https://{name}.{ns}.svc").as_str()));
-        assert_eq!(status.compliance.len(), 6, "{name}: one entry per safeguard");
+        assert_eq!(status.compliance.len(), 7, "{name}: one entry per safeguard");
         let summary = status.compliance_summary.clone().unwrap();
         println!(
             "{name}: compliance {summary}: {:?}",

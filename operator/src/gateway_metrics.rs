@@ -40,7 +40,7 @@ pub const SYSLOG_TAG: &str = "fhir_gateway";
 /// Every request nginx answered.
 /// Labels: `client`, `method_class` ([`MethodClass`]), `status_class` ([`StatusClass`]).
 pub const REQUESTS_TOTAL: &str = "fhir_gateway_requests_total";
-/// Requests the gateway turned away (401, 413, 429), a subset of
+/// Requests the gateway turned away (401, 403, 413, 429), a subset of
 /// [`REQUESTS_TOTAL`]. Labels: `client`, `reason` ([`RejectionReason`]).
 pub const REJECTIONS_TOTAL: &str = "fhir_gateway_rejections_total";
 /// Histogram of nginx's `$request_time` in seconds, buckets
@@ -194,8 +194,10 @@ impl StatusClass {
 /// `reason` label of [`REJECTIONS_TOTAL`]: the gateway's own refusals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RejectionReason {
-    /// 401: no API key, or one the key map does not hold.
+    /// 401: no API key, or one the key map does not hold; a bad token.
     Unauthorized,
+    /// 403: the client's scopes do not allow the interaction.
+    Forbidden,
     /// 413: request body above the tier's limit.
     BodyTooLarge,
     /// 429: above the tier's rate.
@@ -206,6 +208,7 @@ impl RejectionReason {
     pub fn of(status: u16) -> Option<Self> {
         match status {
             401 => Some(Self::Unauthorized),
+            403 => Some(Self::Forbidden),
             413 => Some(Self::BodyTooLarge),
             429 => Some(Self::RateLimited),
             _ => None,
@@ -215,6 +218,7 @@ impl RejectionReason {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
             Self::BodyTooLarge => "body_too_large",
             Self::RateLimited => "rate_limited",
         }
@@ -531,7 +535,8 @@ mod tests {
         assert_eq!(StatusClass::of(499).map(StatusClass::as_str), Some("4xx"));
         assert_eq!(StatusClass::of(99), None);
         assert_eq!(RejectionReason::of(429).map(RejectionReason::as_str), Some("rate_limited"));
-        assert_eq!(RejectionReason::of(403), None);
+        assert_eq!(RejectionReason::of(403), Some(RejectionReason::Forbidden));
+        assert_eq!(RejectionReason::of(404), None);
     }
 
     #[test]

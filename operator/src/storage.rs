@@ -72,8 +72,16 @@ impl Opened {
     }
 }
 
-/// Opens the destination the flags name (a directory is created if missing).
+/// Opens the destination the flags name (a directory is created if missing);
+/// S3 credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
 pub fn open(args: &DestinationArgs) -> Result<Opened, StoreError> {
+    let from_env =
+        (std::env::var(ACCESS_KEY_ENV).unwrap_or_default(), std::env::var(SECRET_KEY_ENV).unwrap_or_default());
+    open_with(args, from_env)
+}
+
+/// [`open`] with the S3 credentials given (access key id, secret key).
+pub fn open_with(args: &DestinationArgs, credentials: (String, String)) -> Result<Opened, StoreError> {
     match (&args.dir, &args.s3_bucket) {
         (Some(dir), _) => {
             let describe = format!("directory {}", dir.display());
@@ -101,8 +109,7 @@ pub fn open(args: &DestinationArgs) -> Result<Opened, StoreError> {
                 Some(endpoint) => format!("s3 bucket {bucket} at {endpoint}"),
                 None => format!("s3 bucket {bucket}"),
             };
-            let access = std::env::var(ACCESS_KEY_ENV).unwrap_or_default();
-            let secret = std::env::var(SECRET_KEY_ENV).unwrap_or_default();
+            let (access, secret) = credentials;
             if access.is_empty() || secret.is_empty() {
                 return Err(StoreError {
                     destination: describe,

@@ -384,9 +384,13 @@ fn alert_rules_use_only_names_and_labels_the_sidecar_exports() {
     assert_eq!(value(&idle, CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS, &[]), Some(1_925_078_400.0), "{idle:#?}");
 
     // One request of each kind the alerts look at.
-    for (client, method, status) in
-        [("billing", "GET", 200), ("billing", "POST", 500), ("", "GET", 401), ("lab", "GET", 429)]
-    {
+    for (client, method, status) in [
+        ("billing", "GET", 200),
+        ("billing", "POST", 500),
+        ("", "GET", 401),
+        ("billing", "GET", 403),
+        ("lab", "GET", 429),
+    ] {
         sidecar.send(nginx_syslog(&access_log_json(client, method, status, "0.042")).as_bytes());
     }
     let samples = sidecar.scrape_after(4.0, 0.0);
@@ -401,10 +405,16 @@ fn alert_rules_use_only_names_and_labels_the_sidecar_exports() {
             .iter()
             .filter(|s| &s.name == name)
             .filter(|s| {
-                matchers
-                    .iter()
-                    .filter(|(k, _)| !target_labels.contains(k.as_str()))
-                    .all(|(k, v)| s.labels.get(k) == Some(v))
+                matchers.iter().filter(|(k, _)| !target_labels.contains(k.as_str())).all(|(k, v)| {
+                    match v.strip_prefix('~') {
+                        // A regular expression of alternatives: reason=~"a|b".
+                        Some(alternatives) => alternatives
+                            .trim_matches('"')
+                            .split('|')
+                            .any(|a| s.labels.get(k).map(String::as_str) == Some(a)),
+                        None => s.labels.get(k) == Some(v),
+                    }
+                })
             })
             .collect();
         assert!(!matching.is_empty(), "no sample {name} {matchers:?} in the scrape:\n{samples:#?}");

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::Command;
 
 use fhir_operator::fhirendpoint::monitoring::{
-    AlertSettings, BACKUP_LAST_SUCCESS, BACKUP_MAX_AGE, PrometheusRuleSpec, RESTORE_LAST_VERIFIED, RESTORE_MAX_AGE,
-    ServiceMonitor, prometheus_rule_spec, rule_groups_yaml, service_monitor_spec,
+    AlertSettings, AuditAlerts, BACKUP_LAST_SUCCESS, BACKUP_MAX_AGE, PrometheusRuleSpec, RESTORE_LAST_VERIFIED,
+    RESTORE_MAX_AGE, ServiceMonitor, prometheus_rule_spec, rule_groups_yaml, service_monitor_spec,
 };
 use fhir_operator::gateway_metrics::{
     CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS, DURATION_BUCKETS, REJECTIONS_TOTAL, REQUEST_DURATION_SECONDS, REQUESTS_TOTAL,
@@ -380,4 +380,156 @@ fn rendered_rules_and_service_monitor_snapshots() {
     let mut monitor = ServiceMonitor::new(EP, service_monitor_spec(&settings, selector));
     monitor.metadata.namespace = Some(NS.to_owned());
     insta::assert_snapshot!("service_monitor", serde_yaml::to_string(&monitor).expect("ServiceMonitor as YAML"));
+}
+
+fn with_audit(active_hours: Option<(u8, u8)>) -> AlertSettings {
+    let mut settings = AlertSettings::new(NS, EP);
+    settings.audit = Some(AuditAlerts { seal_every_seconds: 300, active_hours, distinct_patients: 500 });
+    settings
+}
+
+#[test]
+fn client_rate_anomaly_fires_on_a_jump_above_the_clients_own_baseline_only() {
+    let name = "FhirEndpointClientRateAnomaly";
+    let labels = target(NS, EP, "fhir-5d8c-a");
+    let requests = |client, values| {
+        series(
+            REQUESTS_TOTAL,
+            &labels,
+            &[("client", client), ("method_class", "read"), ("status_class", "2xx")],
+            values,
+        )
+    };
+    let settings = AlertSettings::new(NS, EP);
+    let spec = prometheus_rule_spec(&settings);
+    let billing = firing(
+        &spec,
+        name,
+        &[("namespace", NS), ("service", EP), ("client", "billing")],
+        &[("{{ $labels.client }}", "billing"), ("{{ $value | humanize }}", "60")],
+    );
+    // billing: 1/s for 70 minutes, then 60/s. lab: 60/s all along, its
+    // normal, never an anomaly.
+    let input = vec![requests("billing", "0+60x70 4200+3600x30"), requests("lab", "0+3600x100")];
+    promtool_test(
+        &settings,
+        vec![scenario(
+            input,
+            vec![expect("65m", name, vec![]), expect("84m", name, vec![billing]), expect("99m", name, vec![])],
+        )],
+    );
+}
+
+#[test]
+fn auth_failure_bursts_count_401_and_403_together() {
+    let name = "FhirEndpointAuthFailureBurst";
+    let labels = target(NS, EP, "fhir-5d8c-a");
+    let refused = |reason, values| series(REJECTIONS_TOTAL, &labels, &[("client", ""), ("reason", reason)], values);
+    let settings = AlertSettings::new(NS, EP);
+    let spec = prometheus_rule_spec(&settings);
+    let fires = firing(&spec, name, &[("namespace", NS), ("service", EP)], &[("{{ $value | humanize }}", "120")]);
+    promtool_test(
+        &settings,
+        vec![
+            scenario(
+                vec![refused("unauthorized", "0+80x20"), refused("forbidden", "0+40x20")],
+                vec![expect("10m", name, vec![fires])],
+            ),
+            scenario(
+                vec![refused("unauthorized", "0+30x20"), refused("forbidden", "0+20x20")],
+                vec![expect("10m", name, vec![])],
+            ),
+        ],
+    );
+}
+
+#[test]
+fn scope_denials_fire_per_client() {
+    let name = "FhirEndpointScopeDenials";
+    let labels = target(NS, EP, "fhir-5d8c-a");
+    let denied =
+        |client, values| series(REJECTIONS_TOTAL, &labels, &[("client", client), ("reason", "forbidden")], values);
+    let settings = AlertSettings::new(NS, EP);
+    let spec = prometheus_rule_spec(&settings);
+    let billing = firing(
+        &spec,
+        name,
+        &[("namespace", NS), ("service", EP), ("client", "billing")],
+        &[("{{ $labels.client }}", "billing"), ("{{ $value | humanize }}", "20")],
+    );
+    let input = vec![denied("billing", "0+2x30"), denied("lab", "0+0.5x30")];
+    promtool_test(&settings, vec![scenario(input, vec![expect("20m", name, vec![billing])])]);
+}
+
+#[test]
+fn audit_alerts_fire_on_a_stale_seal_many_patients_and_requests_outside_hours() {
+    let labels = target(NS, EP, "fhir-5d8c-a");
+    let settings = with_audit(Some((7, 19)));
+    let spec = prometheus_rule_spec(&settings);
+    let seal = |values| series("fhir_audit_last_seal_timestamp_seconds", &labels, &[], values);
+    let patients =
+        |client, values| series("fhir_gateway_client_distinct_patients", &labels, &[("client", client)], values);
+    let requests = |client, values| {
+        series(
+            REQUESTS_TOTAL,
+            &labels,
+            &[("client", client), ("method_class", "read"), ("status_class", "2xx")],
+            values,
+        )
+    };
+    let stale = firing(
+        &spec,
+        "FhirEndpointAuditSealStale",
+        &[("namespace", NS), ("service", EP)],
+        &[("{{ $value | humanizeDuration }}", "20m 0s")],
+    );
+    let many = firing(
+        &spec,
+        "FhirEndpointClientTouchesManyPatients",
+        &[("namespace", NS), ("service", EP), ("client", "billing")],
+        &[("{{ $labels.client }}", "billing"), ("{{ $value | humanize }}", "600")],
+    );
+    let outside = firing(
+        &spec,
+        "FhirEndpointRequestsOutsideActiveHours",
+        &[("namespace", NS), ("service", EP), ("client", "billing")],
+        &[("{{ $labels.client }}", "billing")],
+    );
+    // promtool's clock starts at 00:00 UTC: outside 07-19.
+    promtool_test(
+        &settings,
+        vec![
+            scenario(
+                vec![
+                    seal("0x30"),
+                    patients("billing", "600x30"),
+                    patients("lab", "100x30"),
+                    requests("billing", "0+60x30"),
+                ],
+                vec![
+                    expect("20m", "FhirEndpointAuditSealStale", vec![stale]),
+                    expect("20m", "FhirEndpointClientTouchesManyPatients", vec![many]),
+                    expect("20m", "FhirEndpointRequestsOutsideActiveHours", vec![outside]),
+                ],
+            ),
+            // A seal every minute, few patients, no requests: quiet.
+            scenario(
+                vec![seal("0+60x30"), patients("billing", "100x30")],
+                vec![
+                    expect("20m", "FhirEndpointAuditSealStale", vec![]),
+                    expect("20m", "FhirEndpointClientTouchesManyPatients", vec![]),
+                    expect("20m", "FhirEndpointRequestsOutsideActiveHours", vec![]),
+                ],
+            ),
+        ],
+    );
+    // Requests within the active hours: quiet.
+    let all_day = with_audit(Some((0, 24)));
+    promtool_test(
+        &all_day,
+        vec![scenario(
+            vec![requests("billing", "0+60x30")],
+            vec![expect("20m", "FhirEndpointRequestsOutsideActiveHours", vec![])],
+        )],
+    );
 }

@@ -42,6 +42,7 @@ fn inputs() -> Inputs {
         capabilities: Capabilities { monitoring: true, pdb: PdbApi::V1 },
         images: Images::default(),
         jwks: Vec::new(),
+        audit_public_key: None,
     }
 }
 

@@ -104,6 +104,7 @@ fn baseline_children(i: usize, ns: &str) -> Result<(Children, k8s_openapi::api::
         capabilities: discovery::Capabilities { monitoring: false, pdb: PdbApi::V1beta1 },
         images: Images::default(),
         jwks: Vec::new(),
+        audit_public_key: None,
     };
     let mut children = build::build(&v, fhir_operator::meta::owner_ref(&ep), &inputs)?;
     for meta in [

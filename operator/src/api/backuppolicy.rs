@@ -61,6 +61,30 @@ pub struct BackupDestination {
     pub s3: Option<S3Destination>,
 }
 
+impl BackupDestination {
+    /// The `fhir-operator` agent's destination flags (`--dir`, or
+    /// `--s3-bucket` and the rest; never credentials): `mount` is where the
+    /// claim is mounted.
+    pub fn agent_flags(&self, mount: &str) -> Vec<String> {
+        if let Some(pvc) = &self.persistent_volume_claim {
+            let dir = if pvc.path.is_empty() { mount.to_owned() } else { format!("{mount}/{}", pvc.path) };
+            return vec![format!("--dir={dir}")];
+        }
+        let Some(s3) = &self.s3 else { return Vec::new() };
+        let mut args = vec![format!("--s3-bucket={}", s3.bucket)];
+        if !s3.prefix.is_empty() {
+            args.push(format!("--s3-prefix={}", s3.prefix));
+        }
+        if let Some(endpoint) = &s3.endpoint {
+            args.push(format!("--s3-endpoint={endpoint}"));
+        }
+        if let Some(region) = &s3.region {
+            args.push(format!("--s3-region={region}"));
+        }
+        args
+    }
+}
+
 /// A PersistentVolumeClaim in the policy's namespace.
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]

@@ -99,6 +99,45 @@ pub struct FhirEndpointSpec {
     /// Metrics scraping and generated alerts.
     #[serde(default)]
     pub monitoring: MonitoringSpec,
+    /// The signed, retained audit trail of every request through the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditSpec>,
+}
+
+/// Where the audit trail goes and how long it is kept.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditSpec {
+    /// Exactly one of `persistentVolumeClaim` and `s3`, as a BackupPolicy's.
+    pub destination: super::BackupDestination,
+    /// How long segments are kept, e.g. `6y` (the default: HIPAA's six
+    /// years), `400d`. Only whole segments past it are pruned, and each
+    /// pruning is recorded in the trail.
+    #[serde(default = "default_audit_retention")]
+    #[schemars(regex(pattern = r"^[0-9]+(s|m|h|d|w|y)$"))]
+    pub retention: String,
+    /// How often a segment and a signed checkpoint are written, e.g. `5m`.
+    #[serde(default = "default_seal_every")]
+    #[schemars(regex(pattern = r"^[0-9]+(s|m|h)$"))]
+    pub seal_every: String,
+    /// UTC hours when requests are expected, e.g. `07-19`; requests outside
+    /// them alert (`FhirEndpointRequestsOutsideActiveHours`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]{2}-[0-9]{2}$"))]
+    pub active_hours: Option<String>,
+    /// Distinct patients one client may touch within an hour before it
+    /// alerts (default 500).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub distinct_patients_per_hour: Option<u32>,
+}
+
+fn default_audit_retention() -> String {
+    "6y".into()
+}
+
+fn default_seal_every() -> String {
+    "5m".into()
 }
 
 /// The FHIR server container.
@@ -390,6 +429,32 @@ pub struct FhirEndpointStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["issuer"]))]
     pub token_issuers: Vec<TokenIssuerStatus>,
+    /// The audit trail: its public key and what the operator last verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditStatus>,
+}
+
+/// The audit trail as the operator last read and verified it.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditStatus {
+    /// The Ed25519 public key checkpoints are signed with (base64, raw 32
+    /// bytes); also in the gateway ConfigMap as `audit-public-key.pem`.
+    pub public_key: String,
+    pub key_id: String,
+    /// `s3 bucket ...` or `PersistentVolumeClaim/<name>`.
+    pub destination: String,
+    /// When the operator last verified the trail (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<String>,
+    /// The newest checkpoint's time (RFC 3339) and the records verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint: Option<String>,
+    #[serde(default)]
+    pub records: u64,
+    /// What verification found wrong, naming the segment and record.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub problem: String,
 }
 
 /// The keys the gateway verifies one issuer's tokens with.

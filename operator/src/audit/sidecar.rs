@@ -54,6 +54,10 @@ pub struct SidecarArgs {
     /// A segment is sealed early when it holds this many records.
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     pub max_segment_records: u64,
+    /// After SIGTERM, keep following the log this long before the last
+    /// seal: nginx still serves (and logs) while its pod drains.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
     /// Whole segments whose last record is older than this are pruned.
     #[arg(long, value_name = "DURATION", default_value = DEFAULT_RETENTION, value_parser = retention::duration_arg)]
     pub retention: Duration,
@@ -457,7 +461,12 @@ pub async fn run(args: SidecarArgs) -> Result<(), SidecarError> {
         .map_err(io("installing the SIGTERM handler"))?;
     let mut next_seal = tokio::time::Instant::now() + sidecar.args.seal_every;
     let mut stopping = false;
+    let mut stop_at: Option<tokio::time::Instant> = None;
     loop {
+        if stopping && stop_at.is_none() {
+            stop_at = Some(tokio::time::Instant::now() + sidecar.args.shutdown_grace);
+            tracing::info!(grace = ?sidecar.args.shutdown_grace, "stopping: following the log until the gateway has drained");
+        }
         // A seal begun before a restart is finished first, over exactly its range.
         if let Some(sealing) = &sidecar.state.sealing
             && sidecar.pending_end >= sealing.end_offset
@@ -475,7 +484,7 @@ pub async fn run(args: SidecarArgs) -> Result<(), SidecarError> {
         let lines = follower.read_lines().map_err(io("reading the access log"))?;
         if lines.is_empty() {
             if sidecar.state.sealing.is_none() {
-                if stopping {
+                if stop_at.is_some_and(|at| tokio::time::Instant::now() >= at) {
                     sidecar.seal().await?;
                     if let Err(e) = follower.release(sidecar.state.offset) {
                         tracing::debug!(error = %e, "cannot release the sealed part of the access log");

@@ -20,6 +20,12 @@ impl AuditStore {
         Ok(AuditStore { opened: crate::storage::open(args)? })
     }
 
+    /// [`AuditStore::open`] with S3 credentials given rather than from the
+    /// environment (the operator, reading many endpoints' trails).
+    pub fn open_with(args: &DestinationArgs, credentials: (String, String)) -> Result<Self, StoreError> {
+        Ok(AuditStore { opened: crate::storage::open_with(args, credentials)? })
+    }
+
     pub fn describe(&self) -> &str {
         &self.opened.describe
     }

@@ -325,21 +325,11 @@ fn drill_containers(inputs: &JobInputs<'_>, policy: &str) -> (Vec<Container>, Ve
 /// Secret, never in arguments) and mounts.
 fn destination(inputs: &JobInputs<'_>, read_only: bool) -> (Vec<String>, Vec<EnvVar>, Vec<VolumeMount>) {
     let dest = &inputs.policy.spec.destination;
-    if let Some(pvc) = &dest.persistent_volume_claim {
-        let dir = if pvc.path.is_empty() { BACKUPS.to_owned() } else { format!("{BACKUPS}/{}", pvc.path) };
-        return (vec![format!("--dir={dir}")], Vec::new(), vec![mount("backups", BACKUPS, read_only)]);
+    let args = dest.agent_flags(BACKUPS);
+    if dest.persistent_volume_claim.is_some() {
+        return (args, Vec::new(), vec![mount("backups", BACKUPS, read_only)]);
     }
     let Some(s3) = &dest.s3 else { return (Vec::new(), Vec::new(), Vec::new()) };
-    let mut args = vec![format!("--s3-bucket={}", s3.bucket)];
-    if !s3.prefix.is_empty() {
-        args.push(format!("--s3-prefix={}", s3.prefix));
-    }
-    if let Some(endpoint) = &s3.endpoint {
-        args.push(format!("--s3-endpoint={endpoint}"));
-    }
-    if let Some(region) = &s3.region {
-        args.push(format!("--s3-region={region}"));
-    }
     let env_vars = vec![
         secret_env(super::store::ACCESS_KEY_ENV, &s3.credentials_secret, "accessKeyId"),
         secret_env(super::store::SECRET_KEY_ENV, &s3.credentials_secret, "secretAccessKey"),

@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::gateway::{self, LimitKey, Limits, Rate};
 use super::monitoring::{self, AlertSettings, PrometheusRule, ServiceMonitor};
 use super::validate::Validated;
-use super::{auth, network, pod};
+use super::{audit, auth, network, pod};
 use crate::api::{RateLimitKey, RateLimitTierSpec};
 use crate::discovery::{Capabilities, PdbApi};
 use crate::meta::{MANAGED_BY, MANAGED_BY_LABEL, child_meta};
@@ -84,6 +84,8 @@ pub struct Inputs {
     /// `spec.auth.oauth.issuers` (missing or empty: none could be read yet,
     /// and that issuer's tokens are refused).
     pub jwks: Vec<JwkSet>,
+    /// The audit trail's public key (PEM), once its Secret exists.
+    pub audit_public_key: Option<String>,
 }
 
 /// The children of one endpoint. `apply` destructures this without `..`,
@@ -154,6 +156,19 @@ pub fn quantity_bytes(text: &str) -> Option<u64> {
     digits.parse::<u64>().ok()?.checked_mul(factor)
 }
 
+/// With an audit trail, nginx appends its access log to the file the audit
+/// sidecar follows (on an emptyDir), and sends no syslog copy.
+pub fn audited(v: &Validated<'_>, settings: gateway::GatewaySettings) -> gateway::GatewaySettings {
+    match &v.audit {
+        Some(_) => gateway::GatewaySettings {
+            access_log: crate::audit::ACCESS_LOG_FILE.into(),
+            access_log_syslog: None,
+            ..settings
+        },
+        None => settings,
+    }
+}
+
 /// The children `v` should have, given `inputs`.
 /// Fails only when the gateway cannot express the limits (see
 /// [`gateway::GatewayError`]).
@@ -167,7 +182,7 @@ pub fn build(v: &Validated<'_>, owner: OwnerReference, inputs: &Inputs) -> Resul
         public_host: v.public_host.clone(),
         public_port: v.public_port,
         auth: pod::gateway_auth(v),
-        ..pod::gateway_settings(limits)
+        ..audited(v, pod::gateway_settings(limits))
     })?;
     // Only nginx.conf rolls the pods: the verifier reads its configuration
     // (scopes, keys) again when the kubelet updates the mounted file.
@@ -180,6 +195,9 @@ pub fn build(v: &Validated<'_>, owner: OwnerReference, inputs: &Inputs) -> Resul
         if let Some(smart) = auth::smart_configuration(&spec.auth) {
             data.insert(auth::SMART_CONFIGURATION_KEY.to_owned(), smart);
         }
+    }
+    if let (Some(_), Some(public)) = (&v.audit, &inputs.audit_public_key) {
+        data.insert(audit::PUBLIC_KEY_CONFIG_KEY.to_owned(), public.clone());
     }
     let gateway_config =
         ConfigMap { metadata: meta(gateway_config_name(&v.name)), data: Some(data), ..Default::default() };
@@ -210,6 +228,11 @@ pub fn build(v: &Validated<'_>, owner: OwnerReference, inputs: &Inputs) -> Resul
     let alerts = AlertSettings {
         latency_p99_seconds: v.latency_p99_seconds,
         error_ratio: spec.monitoring.error_ratio,
+        audit: v.audit.as_ref().map(|a| monitoring::AuditAlerts {
+            seal_every_seconds: a.seal_every.as_secs(),
+            active_hours: a.active_hours,
+            distinct_patients: a.distinct_patients_per_hour,
+        }),
         ..AlertSettings::new(&v.namespace, &v.name)
     };
     let service_monitor = monitored.then(|| ServiceMonitor {

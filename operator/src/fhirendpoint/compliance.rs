@@ -76,6 +76,19 @@ pub struct Facts {
     /// ConfigMap, and whether the applied Deployment runs the verifier
     /// (`None`: no verifier configured, API keys only).
     pub access: Option<AccessFact>,
+    /// The audit trail: `None` without `spec.audit`.
+    pub audit: Option<AuditFact>,
+}
+
+/// The audit trail as the operator last verified it.
+#[derive(Debug, Clone)]
+pub struct AuditFact {
+    pub destination: String,
+    pub key_secret: String,
+    pub key_id: String,
+    pub seal_every: std::time::Duration,
+    pub verified_at: Timestamp,
+    pub verification: super::audit_check::Verification,
 }
 
 /// What the applied gateway enforces about clients.
@@ -151,16 +164,64 @@ pub fn evaluate(v: &Validated<'_>, facts: &Facts) -> Vec<ComplianceEntry> {
         },
         key_rotation(ns, facts),
         backup(ns, facts),
-        entry(
-            ComplianceCheck::AuditLog,
-            Pass,
-            "JsonAccessLog",
-            "the gateway logs every request as JSON with its client id, status and latency",
-            vec![format!("ConfigMap/{ns}/{}", facts.gateway_config)],
-        ),
+        audit_log(ns, facts),
         database(v, facts),
         access_control(ns, facts),
     ]
+}
+
+/// `auditLog`: the trail at its destination verified by the operator, and
+/// its newest checkpoint younger than twice `sealEvery`.
+fn audit_log(ns: &str, facts: &Facts) -> ComplianceEntry {
+    use super::audit_check::Verification;
+    let name = ComplianceCheck::AuditLog;
+    let Some(audit) = &facts.audit else {
+        return entry(
+            name,
+            Fail,
+            "NoAuditTrail",
+            "requests are only in the gateway's stdout log, kept as long as the node keeps it: set spec.audit",
+            vec![format!("ConfigMap/{ns}/{}", facts.gateway_config)],
+        );
+    };
+    let mut evidence = vec![
+        format!("destination {}", audit.destination),
+        format!("Secret/{ns}/{} (Ed25519 key {})", audit.key_secret, audit.key_id),
+        format!("verified at {}", audit.verified_at),
+    ];
+    match &audit.verification {
+        Verification::NotVerifiable(why) => entry(name, Unknown, "NotVerifiableByOperator", why.clone(), evidence),
+        Verification::Unreadable(why) => entry(name, Fail, "DestinationUnreadable", why.clone(), evidence),
+        Verification::Verified { problem: Some(problem), .. } => {
+            entry(name, Fail, "AuditTrailBroken", problem.clone(), evidence)
+        }
+        Verification::Verified { last_seal: None, .. } => {
+            entry(name, Unknown, "NoCheckpointYet", "no checkpoint has been written yet", evidence)
+        }
+        Verification::Verified { last_seal: Some(last), records, streams, problem: None } => {
+            evidence.push(format!("last checkpoint {last}"));
+            evidence.push(format!("{records} records in {streams} streams"));
+            let limit = audit.seal_every * 2;
+            let age = audit.verified_at.duration_since(*last);
+            if age.as_secs_f64() > limit.as_secs_f64() {
+                entry(
+                    name,
+                    Fail,
+                    "CheckpointStale",
+                    format!("the newest checkpoint is older than twice sealEvery ({}s)", limit.as_secs()),
+                    evidence,
+                )
+            } else {
+                entry(
+                    name,
+                    Pass,
+                    "AuditTrailVerified",
+                    "every signature, hash and link of the trail verified",
+                    evidence,
+                )
+            }
+        }
+    }
 }
 
 /// `accessControl`: every client scoped, and no client able to write every
@@ -455,11 +516,13 @@ mod tests {
             capabilities: Capabilities { monitoring: false, pdb: PdbApi::V1 },
             images: Images::default(),
             jwks: Vec::new(),
+            audit_public_key: None,
         };
         let children = build::build(&v, crate::meta::owner_ref(&ep), &inputs).unwrap();
         let now = Timestamp::UNIX_EPOCH + SignedDuration::from_hours(24);
         let facts = Facts {
             access: None,
+            audit: None,
             now,
             tls: TlsFact::Certificate {
                 secret: "patients-tls".into(),

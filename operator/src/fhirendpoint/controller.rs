@@ -194,6 +194,7 @@ pub async fn run_scope(
         capabilities: RwLock::new(caps),
         images: settings.images.clone(),
         jwks: settings.jwks.clone(),
+        audit_checks: Default::default(),
         clock: shared.clock.clone(),
         metrics: shared.metrics.clone(),
         recorder: Recorder::new(client.clone(), reporter),

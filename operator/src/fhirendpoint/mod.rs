@@ -1,6 +1,8 @@
 //! The FhirEndpoint controller: dereference → validate → build → apply →
 //! status, with `build` pure (no client, no clock).
 
+pub mod audit;
+pub mod audit_check;
 pub mod auth;
 pub mod build;
 pub mod compliance;

@@ -61,7 +61,31 @@ pub struct AlertSettings {
     /// Warn when the endpoint refuses requests with 401 more often than this
     /// (requests per second, averaged over 5 minutes, for 5 minutes).
     pub unauthorized_per_second: f64,
+    /// With an audit trail: what its sidecar exports is watched too.
+    pub audit: Option<AuditAlerts>,
 }
+
+/// Alerts on what the audit sidecar counts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditAlerts {
+    /// Seconds between seals: a trail without a seal for twice this alerts.
+    pub seal_every_seconds: u64,
+    /// UTC hours `[start, end)` when requests are expected; others alert.
+    pub active_hours: Option<(u8, u8)>,
+    /// Distinct patients one client may touch within the sidecar's window
+    /// (an hour) before it alerts.
+    pub distinct_patients: u32,
+}
+
+/// Default of [`AuditAlerts::distinct_patients`].
+pub const DEFAULT_DISTINCT_PATIENTS: u32 = 500;
+/// A client's request rate over 5 minutes alerts above this many times its
+/// own rate of the hour before (and above 1 request per second).
+pub const RATE_ANOMALY_FACTOR: f64 = 5.0;
+/// 401 and 403 answers per minute that make a burst.
+pub const AUTH_FAILURE_BURST_PER_MINUTE: u32 = 60;
+/// Scope denials of one client within 10 minutes that alert.
+pub const SCOPE_DENIALS_PER_10M: u32 = 10;
 
 impl AlertSettings {
     /// Settings with every threshold at its default.
@@ -74,6 +98,7 @@ impl AlertSettings {
             certificate_days_warning: DEFAULT_CERTIFICATE_DAYS_WARNING,
             rate_limited_per_second: DEFAULT_RATE_LIMITED_PER_SECOND,
             unauthorized_per_second: DEFAULT_UNAUTHORIZED_PER_SECOND,
+            audit: None,
         }
     }
 }
@@ -277,6 +302,7 @@ pub fn prometheus_rule_spec(settings: &AlertSettings) -> PrometheusRuleSpec {
         ),
     ];
     let mut rules = rules;
+    rules.extend(anomaly_alerts(settings, &who));
     rules.extend(backup_alerts(settings, &who));
     PrometheusRuleSpec {
         groups: vec![RuleGroup {
@@ -285,6 +311,113 @@ pub fn prometheus_rule_spec(settings: &AlertSettings) -> PrometheusRuleSpec {
             rules,
         }],
     }
+}
+
+/// Unusual access, from the gateway's counters and the audit sidecar's
+/// (none labelled with a source address or a patient id).
+fn anomaly_alerts(settings: &AlertSettings, who: &str) -> Vec<Rule> {
+    let requests = format!("{REQUESTS_TOTAL}{}", matchers(settings, &[]));
+    let denied = |reasons: &str| {
+        let m = matchers(settings, &[]);
+        // matchers() ends with '}': add the reason matcher inside it.
+        format!("{REJECTIONS_TOTAL}{},reason=~\"{reasons}\"}}", &m[..m.len() - 1])
+    };
+    let mut rules = vec![
+        alert(
+            "FhirEndpointClientRateAnomaly",
+            format!(
+                "sum by (namespace, service, client) (rate({requests}[5m])) > {factor} * \
+                 sum by (namespace, service, client) (rate({requests}[1h] offset 5m)) \
+                 and sum by (namespace, service, client) (rate({requests}[5m])) > 1",
+                factor = number(RATE_ANOMALY_FACTOR)
+            ),
+            "10m",
+            "warning",
+            format!("A client of {who} sends far more requests than it usually does"),
+            format!(
+                "Client \"{{{{ $labels.client }}}}\" of {who} sends {{{{ $value | humanize }}}} requests per second, \
+                 over {} times its rate of the hour before: a runaway job, or its credentials in other hands.",
+                number(RATE_ANOMALY_FACTOR)
+            ),
+        ),
+        alert(
+            "FhirEndpointAuthFailureBurst",
+            format!(
+                "sum by (namespace, service) (increase({}[1m])) > {AUTH_FAILURE_BURST_PER_MINUTE}",
+                denied("unauthorized|forbidden")
+            ),
+            "2m",
+            "warning",
+            format!("{who} refuses a burst of requests (401/403)"),
+            format!(
+                "{who} answered {{{{ $value | humanize }}}} requests with 401 or 403 within a minute \
+                 (alert above {AUTH_FAILURE_BURST_PER_MINUTE}): credentials being guessed, or a client with retired ones. \
+                 The audit trail names the clients and sources."
+            ),
+        ),
+        alert(
+            "FhirEndpointScopeDenials",
+            format!(
+                "sum by (namespace, service, client) (increase({}[10m])) > {SCOPE_DENIALS_PER_10M}",
+                denied("forbidden")
+            ),
+            "0m",
+            "warning",
+            format!("A client of {who} asks for what its scopes do not allow"),
+            format!(
+                "Client \"{{{{ $labels.client }}}}\" of {who} was refused {{{{ $value | humanize }}}} times in 10 minutes \
+                 for want of scope (alert above {SCOPE_DENIALS_PER_10M}): a misconfigured client, or one probing."
+            ),
+        ),
+    ];
+    let Some(audit) = &settings.audit else { return rules };
+    let seal = format!("{}{}", crate::audit::metrics::LAST_SEAL_TIMESTAMP_SECONDS, matchers(settings, &[]));
+    rules.push(alert(
+        "FhirEndpointAuditSealStale",
+        format!("time() - max by (namespace, service) ({seal}) > {}", 2 * audit.seal_every_seconds),
+        "5m",
+        "critical",
+        format!("The audit trail of {who} is not being sealed"),
+        format!(
+            "No audit checkpoint of {who} for {{{{ $value | humanizeDuration }}}} (sealEvery is {}s): \
+             records are not reaching the destination. Check the audit-sidecar containers.",
+            audit.seal_every_seconds
+        ),
+    ));
+    rules.push(alert(
+        "FhirEndpointClientTouchesManyPatients",
+        format!(
+            "max by (namespace, service, client) ({}{}) > {}",
+            crate::audit::metrics::CLIENT_DISTINCT_PATIENTS,
+            matchers(settings, &[]),
+            audit.distinct_patients
+        ),
+        "0m",
+        "warning",
+        format!("A client of {who} reads the records of unusually many patients"),
+        format!(
+            "Client \"{{{{ $labels.client }}}}\" of {who} touched {{{{ $value | humanize }}}} distinct patients within the \
+             audit sidecar's window (alert above {}). `fhir-operator audit query --client` lists them.",
+            audit.distinct_patients
+        ),
+    ));
+    if let Some((start, end)) = audit.active_hours {
+        rules.push(alert(
+            "FhirEndpointRequestsOutsideActiveHours",
+            format!(
+                "sum by (namespace, service, client) (rate({requests}[5m])) > 0 \
+                 and on() (hour() < {start} or hour() >= {end})"
+            ),
+            "5m",
+            "warning",
+            format!("A client of {who} is active outside its hours"),
+            format!(
+                "Client \"{{{{ $labels.client }}}}\" of {who} sends requests outside {start:02}:00-{end:02}:00 UTC, \
+                 the hours set in spec.audit.activeHours."
+            ),
+        ));
+    }
+    rules
 }
 
 /// The operator's gauges of the endpoint's backup policies: the time of the

@@ -116,6 +116,17 @@ pub fn network_policy(v: &Validated<'_>, metadata: ObjectMeta) -> NetworkPolicy 
             ports: Some(vec![tcp(db.port)]),
         });
     }
+    if let Some(port) = v.audit.as_ref().and_then(super::audit::s3_port) {
+        // The audit sidecar writes to the S3 endpoint: its port, to any
+        // address (a host name cannot be a peer).
+        egress.push(NetworkPolicyEgressRule {
+            to: Some(vec![NetworkPolicyPeer {
+                ip_block: Some(IPBlock { cidr: "0.0.0.0/0".into(), except: None }),
+                ..Default::default()
+            }]),
+            ports: Some(vec![tcp(port.into())]),
+        });
+    }
     NetworkPolicy {
         metadata,
         spec: Some(NetworkPolicySpec {

@@ -7,14 +7,15 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    ExecAction, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, PodSecurityContext, PodSpec, PodTemplateSpec,
-    Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume,
-    VolumeMount,
+    ExecAction, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, PersistentVolumeClaimVolumeSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::audit::{AUDIT_CONTAINER, AUDIT_MOUNT, Audit, SHUTDOWN_GRACE_SECONDS, signing_key_secret};
 use super::auth::{AUTH_CONFIG_KEY, SMART_CONFIGURATION_KEY};
 use super::build::{
     CONFIG_HASH_ANNOTATION, Inputs, KEYS_HASH_ANNOTATION, NGINX_CONF_KEY, TLS_HASH_ANNOTATION, gateway_config_name,
@@ -318,9 +319,12 @@ pub(crate) fn ca_volume(secret: &str) -> Volume {
     }
 }
 
-fn gateway_container(image: &str, inputs: &Inputs) -> Container {
+fn gateway_container(image: &str, inputs: &Inputs, audited: bool) -> Container {
     let mut mounts =
         vec![mount("gateway-config", CONF_DIR), mount("gateway-tls", TLS_DIR), writable("gateway-tmp", GATEWAY_TMP)];
+    if audited {
+        mounts.push(writable("gateway-logs", crate::audit::ACCESS_LOG_DIR));
+    }
     mounts.extend(inputs.keys.iter().map(|k| mount(&key_volume(&k.schedule), &format!("{KEYS_DIR}/{}", k.schedule))));
     Container {
         name: "gateway".into(),
@@ -358,6 +362,50 @@ fn metrics_container(image: &str) -> Container {
         readiness_probe: Some(http_probe("/healthz", "metrics", "HTTP", 0, 3)),
         security_context: Some(restricted_container()),
         volume_mounts: Some(vec![mount("gateway-tls", TLS_DIR)]),
+        ..Default::default()
+    }
+}
+
+/// The audit sidecar: follows nginx's access log on the shared emptyDir,
+/// chains and signs it to the destination, and serves the gateway's
+/// metrics from the same lines (in place of `gateway-metrics`).
+fn audit_container(image: &str, audit: &Audit, endpoint: &str) -> Container {
+    let mut args = vec![
+        "audit-sidecar".to_owned(),
+        "--tls-certificate".to_owned(),
+        format!("{TLS_DIR}/tls.crt"),
+        "--shutdown-grace".to_owned(),
+        format!("{SHUTDOWN_GRACE_SECONDS}s"),
+    ];
+    args.extend(crate::audit::sidecar_args(
+        &audit.seal_every_text,
+        &audit.retention_text,
+        &audit.destination.agent_flags(AUDIT_MOUNT),
+    ));
+    let mut mounts = vec![
+        mount("gateway-tls", TLS_DIR),
+        writable("gateway-logs", crate::audit::ACCESS_LOG_DIR),
+        mount("audit-key", crate::audit::SIGNING_KEY_DIR),
+    ];
+    let mut env_vars = Vec::new();
+    if audit.destination.persistent_volume_claim.is_some() {
+        mounts.push(writable("audit", AUDIT_MOUNT));
+    }
+    if let Some(s3) = &audit.destination.s3 {
+        env_vars.push(secret_env(crate::storage::ACCESS_KEY_ENV, &s3.credentials_secret, "accessKeyId"));
+        env_vars.push(secret_env(crate::storage::SECRET_KEY_ENV, &s3.credentials_secret, "secretAccessKey"));
+    }
+    let _ = endpoint;
+    Container {
+        name: AUDIT_CONTAINER.into(),
+        image: Some(image.into()),
+        args: Some(args),
+        env: (!env_vars.is_empty()).then_some(env_vars),
+        ports: Some(vec![port("metrics", gateway::METRICS_PORT)]),
+        resources: Some(resources(&[("cpu", "50m"), ("memory", "64Mi")], &[("memory", "256Mi")])),
+        readiness_probe: Some(http_probe("/healthz", "metrics", "HTTP", 0, 3)),
+        security_context: Some(restricted_container()),
+        volume_mounts: Some(mounts),
         ..Default::default()
     }
 }
@@ -407,6 +455,34 @@ pub fn deployment(v: &Validated<'_>, metadata: ObjectMeta, inputs: &Inputs, conf
         },
         empty_dir("gateway-tmp"),
     ]);
+    if let Some(audit) = &v.audit {
+        volumes.push(empty_dir("gateway-logs"));
+        volumes.push(Volume {
+            name: "audit-key".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(signing_key_secret(&v.name)),
+                default_mode: Some(SECRET_MODE),
+                // The private key only.
+                items: Some(vec![KeyToPath {
+                    key: crate::audit::SIGNING_KEY_ENTRY.into(),
+                    path: crate::audit::SIGNING_KEY_ENTRY.into(),
+                    mode: None,
+                }]),
+                optional: None,
+            }),
+            ..Default::default()
+        });
+        if let Some(pvc) = &audit.destination.persistent_volume_claim {
+            volumes.push(Volume {
+                name: "audit".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: pvc.claim_name.clone(),
+                    read_only: None,
+                }),
+                ..Default::default()
+            });
+        }
+    }
     volumes.extend(inputs.keys.iter().map(|k| Volume {
         name: key_volume(&k.schedule),
         secret: Some(SecretVolumeSource {
@@ -456,8 +532,11 @@ pub fn deployment(v: &Validated<'_>, metadata: ObjectMeta, inputs: &Inputs, conf
                     security_context: Some(restricted_pod()),
                     containers: [
                         server,
-                        gateway_container(&inputs.images.gateway, inputs),
-                        metrics_container(&inputs.images.metrics),
+                        gateway_container(&inputs.images.gateway, inputs, v.audit.is_some()),
+                        match &v.audit {
+                            Some(audit) => audit_container(&inputs.images.metrics, audit, &v.name),
+                            None => metrics_container(&inputs.images.metrics),
+                        },
                     ]
                     .into_iter()
                     .chain(v.auth.is_some().then(|| auth_container(&inputs.images.metrics)))

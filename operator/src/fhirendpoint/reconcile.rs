@@ -21,7 +21,7 @@ use super::compliance::{self, BackupFact, Facts, KeyScheduleFact, TlsFact};
 use super::database::{self, CA_KEY};
 use super::monitoring::{PrometheusRule, ServiceMonitor};
 use super::validate::{InvalidSpec, Validated, validate};
-use super::{auth, jwks, network, pod, tls};
+use super::{audit_check, auth, jwks, network, pod, tls};
 use crate::api::{
     BackupOutcome, BackupPolicy, FhirEndpoint, FhirEndpointStatus, KeyAlgorithm, KeyRotationSchedule,
     KeyVersionsInForce, RateLimitTier, SslMode, condition, reason,
@@ -43,6 +43,8 @@ pub mod reasons {
     pub const ROLLING_OUT: &str = "RollingOut";
     pub const TIER_NOT_FOUND: &str = "TierNotFound";
     pub const TIER_INVALID: &str = "TierInvalid";
+    /// The audit signing key Secret cannot be read or made.
+    pub const AUDIT_KEY_UNUSABLE: &str = "AuditKeyUnusable";
     pub const KEY_SCHEDULE_NOT_FOUND: &str = "KeyScheduleNotFound";
     pub const TLS_SECRET_UNUSABLE: &str = "TlsSecretUnusable";
     pub const MONITORING_NOT_SERVED: &str = "MonitoringNotServed";
@@ -78,6 +80,7 @@ pub struct Context {
     pub capabilities: RwLock<Capabilities>,
     pub images: Images,
     pub jwks: Arc<super::jwks::JwksCache>,
+    pub audit_checks: Arc<super::audit_check::AuditChecks>,
     pub clock: Arc<dyn Clock>,
     pub metrics: SharedMetrics,
     pub recorder: Recorder,
@@ -194,13 +197,32 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
         None => None,
     };
 
+    let audit_key = match &v.audit {
+        Some(_) => match audit_check::signing_key(ctx.applier.client(), &v.namespace, &v.name).await {
+            Ok(key) => Some(key),
+            Err(message) => {
+                let blocked = Blocked { reason: reasons::AUDIT_KEY_UNUSABLE, message };
+                return block(&v, ctx, blocked, now).await;
+            }
+        },
+        None => None,
+    };
     let (jwks, token_issuers, jwks_recheck) = match &v.auth {
         Some(auth) => jwks::issuer_keys(auth, ctx.applier.client(), &v.namespace, &ctx.jwks, now).await,
         None => (Vec::new(), Vec::new(), None),
     };
 
     // Build, apply.
-    let inputs = Inputs { tier, keys, tls_secret, tls_fingerprint, capabilities, images: ctx.images.clone(), jwks };
+    let inputs = Inputs {
+        tier,
+        keys,
+        tls_secret,
+        tls_fingerprint,
+        capabilities,
+        images: ctx.images.clone(),
+        jwks,
+        audit_public_key: audit_key.as_ref().map(|k| k.pem.clone()),
+    };
     let children = match build::build(&v, owner, &inputs) {
         Ok(children) => children,
         // Only a tier's limits can be inexpressible (the endpoint's own
@@ -214,6 +236,23 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
 
     // Status.
     let (backup, backup_recheck) = backup_fact(&v, &ctx.caches.backups, now);
+    let (audit_fact, audit_status, audit_recheck) = match (&v.audit, &audit_key) {
+        (Some(audit), Some(key)) => {
+            let (checked, next) =
+                ctx.audit_checks.check(ctx.applier.client(), &v.namespace, &v.name, audit, key, now).await;
+            let status = audit_status(audit, key, &checked);
+            let fact = compliance::AuditFact {
+                destination: audit.describe(),
+                key_secret: super::audit::signing_key_secret(&v.name),
+                key_id: key.key_id.clone(),
+                seal_every: audit.seal_every,
+                verified_at: checked.at,
+                verification: checked.verification,
+            };
+            (Some(fact), Some(status), Some(next))
+        }
+        _ => (None, None, None),
+    };
     let facts = Facts {
         now,
         tls: tls_fact,
@@ -226,6 +265,7 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
         database: applied.database.clone(),
         database_ca,
         access: applied.access.clone(),
+        audit: audit_fact,
     };
     let compliance = compliance::evaluate(&v, &facts);
     let mut status = ep.status.clone().unwrap_or_default();
@@ -237,6 +277,7 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
     status.ready_replicas = Some(deployment.ready_replicas.unwrap_or(0));
     status.key_versions = key_versions;
     status.token_issuers = token_issuers;
+    status.audit = audit_status;
     status.compliance_summary = Some(compliance::summary(&compliance));
     status.compliance = compliance;
 
@@ -274,10 +315,35 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
     conditions::set(&mut status.conditions, degraded, generation, now);
     write_status(ep, ctx, status).await?;
 
-    Ok(match [renew_at, key_recheck, backup_recheck, jwks_recheck].into_iter().flatten().min() {
+    Ok(match [renew_at, key_recheck, backup_recheck, jwks_recheck, audit_recheck].into_iter().flatten().min() {
         Some(at) => Action::requeue(until(now, at)),
         None => Action::await_change(),
     })
+}
+
+/// `status.audit` from the last verification.
+fn audit_status(
+    audit: &super::audit::Audit,
+    key: &audit_check::PublicKey,
+    checked: &audit_check::Checked,
+) -> crate::api::AuditStatus {
+    use audit_check::Verification;
+    let mut status = crate::api::AuditStatus {
+        public_key: key.base64.clone(),
+        key_id: key.key_id.clone(),
+        destination: audit.describe(),
+        verified_at: Some(checked.at.to_string()),
+        ..Default::default()
+    };
+    match &checked.verification {
+        Verification::NotVerifiable(why) | Verification::Unreadable(why) => status.problem = why.clone(),
+        Verification::Verified { last_seal, records, problem, .. } => {
+            status.last_checkpoint = last_seal.map(|t| t.to_string());
+            status.records = *records;
+            status.problem = problem.clone().unwrap_or_default();
+        }
+    }
+    status
 }
 
 fn until(now: Timestamp, at: Timestamp) -> Duration {

@@ -79,6 +79,8 @@ pub struct Validated<'a> {
     pub database: Option<Database>,
     /// OAuth issuers and client scopes, checked (`None`: API keys only).
     pub auth: Option<super::auth::Auth>,
+    /// The audit trail's settings, checked.
+    pub audit: Option<super::audit::Audit>,
 }
 
 /// An external database that passed validation.
@@ -161,6 +163,7 @@ pub fn validate(endpoint: &FhirEndpoint) -> Result<Validated<'_>, InvalidSpec> {
             .map_err(|e| invalid(format!("spec.auth.apiKeys[{i}]"), quoted(schedule, &e)))?;
     }
     let auth = super::auth::check(&spec.auth)?;
+    let audit = super::audit::check(spec.audit.as_ref())?;
     let database = match &spec.database {
         Some(db) => Some(check_database(db)?),
         None => None,
@@ -177,6 +180,7 @@ pub fn validate(endpoint: &FhirEndpoint) -> Result<Validated<'_>, InvalidSpec> {
         public_port,
         database,
         auth,
+        audit,
     })
 }
 
