@@ -71,6 +71,11 @@ impl S3Server {
         [("AWS_ACCESS_KEY_ID", &self.access_key), ("AWS_SECRET_ACCESS_KEY", secret)]
     }
 
+    /// The file s3s-fs keeps the object `key` in (to tamper with it).
+    pub fn object_path(&self, key: &str) -> PathBuf {
+        self.root.path().join(&self.bucket).join(key)
+    }
+
     /// Keys of the objects in the bucket (s3s-fs keeps each as a file).
     pub fn objects(&self) -> Vec<String> {
         let bucket = self.root.path().join(&self.bucket);
