@@ -66,7 +66,10 @@ fn await_port(port: u16, what: &str, log: impl Fn() -> String) {
     }
 }
 
-async fn audit_log_entry(endpoints: &Api<FhirEndpoint>, reason: &str) -> anyhow::Result<Option<(FhirEndpoint, ComplianceEntry)>> {
+async fn audit_log_entry(
+    endpoints: &Api<FhirEndpoint>,
+    reason: &str,
+) -> anyhow::Result<Option<(FhirEndpoint, ComplianceEntry)>> {
     let ep = endpoints.get("patients").await?;
     let entry = ep
         .status
@@ -96,27 +99,39 @@ async fn the_operator_verifies_the_trail_its_sidecar_writes_and_catches_tamperin
     grant_rbac(&kube).await.expect("RBAC");
     let ns = namespace(&kube, "audit").await.expect("namespace");
     let operator = Operator::start(cluster.operator_kubeconfig(), &[]).expect("operator");
-    apply_value(&kube, &ns, &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "audit-s3"},
-        "stringData": {"accessKeyId": s3.access_key(), "secretAccessKey": s3.secret_key()}}))
+    apply_value(
+        &kube,
+        &ns,
+        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "audit-s3"},
+        "stringData": {"accessKeyId": s3.access_key(), "secretAccessKey": s3.secret_key()}}),
+    )
     .await;
-    apply_value(&kube, &ns, &json!({"apiVersion": "fhiroperator.io/v1alpha1", "kind": "KeyRotationSchedule",
+    apply_value(
+        &kube,
+        &ns,
+        &json!({"apiVersion": "fhiroperator.io/v1alpha1", "kind": "KeyRotationSchedule",
         "metadata": {"name": "partners"},
-        "spec": {"algorithm": "api-key", "clients": ["reader"], "interval": "30d"}}))
+        "spec": {"algorithm": "api-key", "clients": ["reader"], "interval": "30d"}}),
+    )
     .await;
-    apply_value(&kube, &ns, &json!({
-        "apiVersion": "fhiroperator.io/v1alpha1", "kind": "FhirEndpoint", "metadata": {"name": "patients"},
-        "spec": {
-            "publicUrl": public_url,
-            "server": {"flavor": "helios", "image": "ghcr.io/heliossoftware/hfs:0.2.7"},
-            "auth": {"apiKeys": ["partners"]},
-            "audit": {
-                "destination": {"s3": {"bucket": BUCKET, "prefix": PREFIX, "endpoint": s3.endpoint(),
-                    "credentialsSecret": "audit-s3"}},
-                "sealEvery": "10s",
-                "retention": "30d",
-            },
-        }
-    }))
+    apply_value(
+        &kube,
+        &ns,
+        &json!({
+            "apiVersion": "fhiroperator.io/v1alpha1", "kind": "FhirEndpoint", "metadata": {"name": "patients"},
+            "spec": {
+                "publicUrl": public_url,
+                "server": {"flavor": "helios", "image": "ghcr.io/heliossoftware/hfs:0.2.7"},
+                "auth": {"apiKeys": ["partners"]},
+                "audit": {
+                    "destination": {"s3": {"bucket": BUCKET, "prefix": PREFIX, "endpoint": s3.endpoint(),
+                        "credentialsSecret": "audit-s3"}},
+                    "sealEvery": "10s",
+                    "retention": "30d",
+                },
+            }
+        }),
+    )
     .await;
 
     // -- The key, its public half in status and in the ConfigMap; no trail yet.
@@ -220,7 +235,10 @@ async fn the_operator_verifies_the_trail_its_sidecar_writes_and_catches_tamperin
         .iter()
         .map(|a| {
             a.replace(fhir_operator::audit::ACCESS_LOG_FILE, &path(&access_log))
-                .replace(&format!("{}/{}", fhir_operator::audit::SIGNING_KEY_DIR, fhir_operator::audit::SIGNING_KEY_ENTRY), &path(&key_file))
+                .replace(
+                    &format!("{}/{}", fhir_operator::audit::SIGNING_KEY_DIR, fhir_operator::audit::SIGNING_KEY_ENTRY),
+                    &path(&key_file),
+                )
                 .replace("/etc/fhir-gateway/tls/tls.crt", &path(&cert.cert))
         })
         .collect();
@@ -286,6 +304,19 @@ async fn the_operator_verifies_the_trail_its_sidecar_writes_and_catches_tamperin
     let said = String::from_utf8_lossy(&verify.stdout).into_owned() + &String::from_utf8_lossy(&verify.stderr);
     assert!(verify.status.success(), "{said}");
     eprintln!("audit verify: {said}");
+
+    // -- The same from the cluster: destination, credentials and key found by name.
+    let by_name = Command::new(operator::binary())
+        .args(["audit", "verify", "--endpoint", "patients", "--namespace", &ns])
+        .env("KUBECONFIG", cluster.kubeconfig())
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .output()
+        .expect("audit verify --endpoint");
+    let said_by_name =
+        String::from_utf8_lossy(&by_name.stdout).into_owned() + &String::from_utf8_lossy(&by_name.stderr);
+    assert!(by_name.status.success(), "{said_by_name}");
+    assert!(said_by_name.contains("50 records"), "{said_by_name}");
 
     // -- One byte of a sealed record changed: the operator says where.
     let segment = objects.iter().find(|o| o.contains("/segments/")).expect("a segment").clone();

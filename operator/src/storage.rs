@@ -22,7 +22,8 @@ pub const SECRET_KEY_ENV: &str = "AWS_SECRET_ACCESS_KEY";
 #[group(skip)]
 pub struct DestinationArgs {
     /// A directory (the mounted PersistentVolumeClaim, with its path).
-    #[arg(long, value_name = "DIR", required_unless_present = "s3_bucket", conflicts_with = "s3_bucket")]
+    /// (One of `--dir` and `--s3-bucket` is required: [`open`] says so.)
+    #[arg(long, value_name = "DIR", conflicts_with = "s3_bucket")]
     pub dir: Option<PathBuf>,
     /// An S3 bucket; credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
     #[arg(long, value_name = "BUCKET")]

@@ -28,9 +28,16 @@ pub struct VerifyArgs {
     #[command(flatten)]
     pub destination: DestinationArgs,
     /// The endpoint's Ed25519 public key: SubjectPublicKeyInfo PEM, or its
-    /// 32 bytes in base64.
-    #[arg(long, value_name = "FILE")]
-    pub public_key: PathBuf,
+    /// 32 bytes in base64 (with `--dir` or `--s3-bucket`).
+    #[arg(long, value_name = "FILE", required_unless_present = "endpoint")]
+    pub public_key: Option<PathBuf>,
+    /// A FhirEndpoint with `spec.audit` (S3): its destination, credentials
+    /// and public key are read from the cluster of the kubeconfig.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["public_key", "dir", "s3_bucket"])]
+    pub endpoint: Option<String>,
+    /// The endpoint's namespace (default: the kubeconfig's).
+    #[arg(long, short = 'n', value_name = "NAMESPACE", requires = "endpoint")]
+    pub namespace: Option<String>,
     /// Only this stream (one gateway pod's chain); default every stream.
     #[arg(long, value_name = "NAME")]
     pub stream: Option<String>,
@@ -89,11 +96,43 @@ pub async fn run(args: AuditArgs) -> Result<(), String> {
     }
 }
 
+/// The store and public key of a FhirEndpoint's trail, from the cluster.
+async fn endpoint_trail(name: &str, namespace: Option<&str>) -> Result<(AuditStore, String), String> {
+    use crate::fhirendpoint::audit_check::{Verification, open_destination};
+    crate::install_tls_provider();
+    let client = kube::Client::try_default().await.map_err(|e| format!("no Kubernetes client configuration: {e}"))?;
+    let namespace = namespace.map(str::to_owned).unwrap_or_else(|| client.default_namespace().to_owned());
+    let endpoints: kube::Api<crate::api::FhirEndpoint> = kube::Api::namespaced(client.clone(), &namespace);
+    let endpoint = endpoints.get(name).await.map_err(|e| format!("FhirEndpoint {namespace}/{name}: {e}"))?;
+    let v = crate::fhirendpoint::validate::validate(&endpoint).map_err(|e| e.to_string())?;
+    let audit = v.audit.ok_or_else(|| format!("FhirEndpoint {namespace}/{name} has no spec.audit"))?;
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client.clone(), &namespace);
+    let key_secret = crate::fhirendpoint::audit::signing_key_secret(name);
+    let public = secrets
+        .get(&key_secret)
+        .await
+        .map_err(|e| format!("Secret {namespace}/{key_secret}: {e}"))?
+        .data
+        .and_then(|d| d.get(super::PUBLIC_KEY_ENTRY).and_then(|b| String::from_utf8(b.0.clone()).ok()))
+        .ok_or_else(|| format!("Secret {namespace}/{key_secret} has no {}", super::PUBLIC_KEY_ENTRY))?;
+    let store = open_destination(&client, &namespace, &audit).await.map_err(|why| match why {
+        Verification::NotVerifiable(m) | Verification::Unreadable(m) => m,
+        Verification::Verified { .. } => String::new(),
+    })?;
+    Ok((store, public))
+}
+
 async fn run_verify(args: VerifyArgs) -> Result<(), String> {
-    let text = std::fs::read_to_string(&args.public_key)
-        .map_err(|e| format!("reading the public key {}: {e}", args.public_key.display()))?;
-    let key = parse_public_key(&text).map_err(|e| format!("{}: {e}", args.public_key.display()))?;
-    let store = AuditStore::open(&args.destination).map_err(|e| e.to_string())?;
+    let (store, text) = match (&args.endpoint, &args.public_key) {
+        (Some(endpoint), _) => endpoint_trail(endpoint, args.namespace.as_deref()).await?,
+        (None, Some(file)) => {
+            let text =
+                std::fs::read_to_string(file).map_err(|e| format!("reading the public key {}: {e}", file.display()))?;
+            (AuditStore::open(&args.destination).map_err(|e| e.to_string())?, text)
+        }
+        (None, None) => return Err("--public-key or --endpoint is required".into()),
+    };
+    let key = parse_public_key(&text).map_err(|e| format!("the public key: {e}"))?;
     let report = verify(&store, &key, args.stream.as_deref()).await.map_err(|e| e.to_string())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());

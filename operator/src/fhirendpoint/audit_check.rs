@@ -138,12 +138,18 @@ impl AuditChecks {
     }
 }
 
-async fn verify(client: &Client, namespace: &str, audit: &Audit, key: &PublicKey) -> Verification {
+/// Opens the endpoint's trail at its S3 destination, with the credentials
+/// of its Secret. A PersistentVolumeClaim cannot be read from here.
+pub async fn open_destination(
+    client: &Client,
+    namespace: &str,
+    audit: &Audit,
+) -> Result<crate::audit::store::AuditStore, Verification> {
     let Some(s3) = &audit.destination.s3 else {
-        return Verification::NotVerifiable(
+        return Err(Verification::NotVerifiable(
             "the operator cannot read a PersistentVolumeClaim: run `fhir-operator audit verify --dir` where it is mounted"
                 .into(),
-        );
+        ));
     };
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let credentials = match secrets.get_opt(&s3.credentials_secret).await {
@@ -152,8 +158,8 @@ async fn verify(client: &Client, namespace: &str, audit: &Audit, key: &PublicKey
             let value = |k: &str| data.get(k).and_then(|b| String::from_utf8(b.0.clone()).ok()).unwrap_or_default();
             (value("accessKeyId"), value("secretAccessKey"))
         }
-        Ok(None) => return Verification::Unreadable(format!("Secret {} does not exist", s3.credentials_secret)),
-        Err(e) => return Verification::Unreadable(format!("reading Secret {}: {e}", s3.credentials_secret)),
+        Ok(None) => return Err(Verification::Unreadable(format!("Secret {} does not exist", s3.credentials_secret))),
+        Err(e) => return Err(Verification::Unreadable(format!("reading Secret {}: {e}", s3.credentials_secret))),
     };
     let args = DestinationArgs {
         dir: None,
@@ -162,9 +168,13 @@ async fn verify(client: &Client, namespace: &str, audit: &Audit, key: &PublicKey
         s3_endpoint: s3.endpoint.clone(),
         s3_region: s3.region.clone(),
     };
-    let store = match crate::audit::store::AuditStore::open_with(&args, credentials) {
+    crate::audit::store::AuditStore::open_with(&args, credentials).map_err(|e| Verification::Unreadable(e.to_string()))
+}
+
+async fn verify(client: &Client, namespace: &str, audit: &Audit, key: &PublicKey) -> Verification {
+    let store = match open_destination(client, namespace, audit).await {
         Ok(store) => store,
-        Err(e) => return Verification::Unreadable(e.to_string()),
+        Err(why) => return why,
     };
     let verifying = match crate::audit::parse_public_key(&key.pem) {
         Ok(k) => k,
