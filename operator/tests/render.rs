@@ -152,7 +152,7 @@ fn every_pod_template_meets_pod_security_restricted() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 6, "2 endpoints × 3 containers checked");
+    assert_eq!(checked, 7, "2 endpoints × 3 containers, and the full one's token verifier, checked");
 }
 
 /// `fhir-operator render -f - ARGS` with `input` on stdin.
