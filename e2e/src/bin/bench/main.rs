@@ -128,34 +128,42 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut reports: Vec<Report> = Vec::new();
     let wants = |s: Scenario| args.scenario.contains(&s);
+    let mut failed = Vec::new();
     for &n in &args.endpoints {
-        let mut done = |r: Report| {
-            println!("json: {}", r.json);
-            eprintln!("{}", stats::table(&r.header, std::slice::from_ref(&r.row)));
-            reports.push(r);
+        let mut done = |name: &str, result: Result<Vec<Report>>| match result {
+            Ok(rs) => {
+                for r in rs {
+                    println!("json: {}", r.json);
+                    eprintln!("{}", stats::table(&r.header, std::slice::from_ref(&r.row)));
+                    reports.push(r);
+                }
+            }
+            // One scenario failing does not lose the others' figures.
+            Err(e) => {
+                eprintln!("bench: {name} at {n} endpoints failed: {e:#}");
+                failed.push(format!("{name} at {n}"));
+            }
         };
         if wants(Scenario::Ready) {
             eprintln!("bench: ready, {n} endpoints, concurrency {}", args.concurrency);
-            let f = runtime.block_on(ready::run_one(n, args.concurrency))?;
-            done(ready::report(&f));
+            done("ready", runtime.block_on(ready::run_one(n, args.concurrency)).map(|f| vec![ready::report(&f)]));
         }
         if wants(Scenario::Children) || wants(Scenario::RenderKubectl) {
             let kubectl = wants(Scenario::RenderKubectl).then_some(args.kubectl.as_str());
-            for r in runtime.block_on(scale::children(n, args.concurrency, args.repeats, kubectl))? {
-                done(r);
-            }
+            done("children", runtime.block_on(scale::children(n, args.concurrency, args.repeats, kubectl)));
         }
         if wants(Scenario::Memory) {
-            done(runtime.block_on(scale::memory(n, args.concurrency))?);
+            done("memory", runtime.block_on(scale::memory(n, args.concurrency)).map(|r| vec![r]));
         }
         if wants(Scenario::TierFanout) {
-            done(runtime.block_on(fanout::tier(n, args.concurrency, args.repeats))?);
+            done("tier-fanout", runtime.block_on(fanout::tier(n, args.concurrency, args.repeats)).map(|r| vec![r]));
         }
         if wants(Scenario::KeyFanout) {
-            done(runtime.block_on(fanout::keys(n, args.concurrency, args.key_grace))?);
+            done("key-fanout", runtime.block_on(fanout::keys(n, args.concurrency, args.key_grace)).map(|r| vec![r]));
         }
         if wants(Scenario::EditLatency) {
-            done(runtime.block_on(fanout::edits(n, args.concurrency, args.edits, args.edit_window))?);
+            let edits = fanout::edits(n, args.concurrency, args.edits, args.edit_window);
+            done("edit-latency", runtime.block_on(edits).map(|r| vec![r]));
         }
     }
     // One table per scenario, rows in the order run.
@@ -165,6 +173,9 @@ fn main() -> Result<()> {
         let rows: Vec<&Report> = reports.iter().filter(|r| r.scenario == scenario).collect();
         let cells: Vec<Vec<String>> = rows.iter().map(|r| r.row.clone()).collect();
         println!("\n{scenario}:\n{}", stats::table(&rows[0].header, &cells));
+    }
+    if !failed.is_empty() {
+        anyhow::bail!("failed: {}", failed.join(", "));
     }
     Ok(())
 }

@@ -334,7 +334,19 @@ pub async fn memory(n: usize, concurrency: usize) -> Result<Report> {
     let restarts = operator.metric("fhir_operator_watch_restarts_total");
     tokio::task::block_in_place(|| -> Result<()> {
         p.plane.kill("kube-apiserver")?;
-        p.plane.start_again("kube-apiserver")
+        // The killed server's port can stay taken for a moment.
+        let mut attempt = 0;
+        loop {
+            match p.plane.start_again("kube-apiserver") {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < 10 => {
+                    eprintln!("bench: the API server did not start again ({e:#}); retrying");
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     })?;
     let deadline = Instant::now() + Duration::from_secs(120);
     while operator.metric("fhir_operator_watch_restarts_total") <= restarts && Instant::now() < deadline {
