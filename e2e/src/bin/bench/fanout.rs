@@ -202,8 +202,18 @@ pub async fn keys(n: usize, concurrency: usize, grace: Duration) -> Result<Repor
     let mut seen: Vec<(Option<RotationPhase>, Duration)> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(3600);
     loop {
-        let (v, phase) = status().await?;
+        // A busy API server fails a read now and then (etcd "transport is
+        // closing"): read again, as the operator's own watches do.
+        let (v, phase) = match status().await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("bench: reading the schedule: {e:#}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
         if seen.last().map(|(p, _)| *p) != Some(phase) && (phase.is_some() || v > version) {
+            eprintln!("bench: keys {n}: {phase:?} after {}", secs(started.elapsed()));
             seen.push((phase, started.elapsed()));
         }
         if v > version && phase.is_none() {
@@ -229,7 +239,10 @@ pub async fn keys(n: usize, concurrency: usize, grace: Duration) -> Result<Repor
             .map(|name| {
                 let (deployments, patch) = (deployments.clone(), patch.clone());
                 async move {
-                    deployments.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+                    let params = PatchParams::default();
+                    if deployments.patch(&name, &params, &Patch::Merge(&patch)).await.is_err() {
+                        deployments.patch(&name, &params, &Patch::Merge(&patch)).await?;
+                    }
                     Ok(())
                 }
             })
