@@ -13,7 +13,7 @@ DEMO_NAMESPACE ?= fhir-demo
 # `deps` (e2e/install.sh) installs it, with everything else the tests need.
 TEST_RUNNER := cargo nextest run --no-fail-fast
 
-.PHONY: help deps test unit e2e lint crds chart cluster cluster-down demo build bench bench-gateway
+.PHONY: help deps test unit e2e lint crds chart cluster cluster-down demo build bench bench-scale bench-gateway
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -40,6 +40,18 @@ k8s-binaries:
 bench: k8s-binaries ## FhirEndpoint convergence vs a no-controller baseline (100 and 1,000 endpoints)
 	cargo build --release -p fhir-operator -p fhir-operator-e2e --bins
 	$(CARGO_TARGET_DIR)/release/bench --endpoints $(or $(BENCH_ENDPOINTS),100,1000)
+
+# The operator's own work at scale (no pods): children against a raw client
+# and against render | kubectl, memory, tier and key fan-out, edit latency
+# under churn at 1,000 endpoints; children and memory at 10,000. kubectl:
+# KUBECTL=..., else the one on PATH. Logs at info, as deployed.
+BENCH_SCALE_SCENARIOS ?= children,render-kubectl,memory,tier-fanout,edit-latency,key-fanout
+bench-scale: k8s-binaries ## the operator at 1,000 and 10,000 endpoints: children, memory, fan-out, edit latency, render | kubectl
+	cargo build --release -p fhir-operator -p fhir-operator-e2e --bins
+	FHIR_E2E_OPERATOR_LOG=$(or $(FHIR_E2E_OPERATOR_LOG),info) $(CARGO_TARGET_DIR)/release/bench \
+		--scenario $(BENCH_SCALE_SCENARIOS) --endpoints $(or $(BENCH_SCALE_ENDPOINTS),1000)
+	FHIR_E2E_OPERATOR_LOG=$(or $(FHIR_E2E_OPERATOR_LOG),info) $(CARGO_TARGET_DIR)/release/bench \
+		--scenario children,memory --repeats 1 --endpoints $(or $(BENCH_SCALE_LARGE),10000)
 
 bench-gateway: deps ## gateway latency and throughput: API keys vs token verification, cached and uncached
 	cargo build --release -p fhir-operator -p fhir-operator-e2e --bins
