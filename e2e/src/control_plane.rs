@@ -161,7 +161,7 @@ impl ControlPlane {
     /// Starts a control plane in a new directory under `parent` (the system
     /// temp dir when `None`) and waits until the API server is ready.
     pub fn start(parent: Option<&Path>, lifetime: Lifetime) -> Result<Self> {
-        Self::start_inner(parent, lifetime, false)
+        Self::start_retrying(parent, lifetime, false)
     }
 
     /// A control plane with a real node (see [`crate::node`]): the API
@@ -172,7 +172,23 @@ impl ControlPlane {
     /// binaries and images if they are not cached. Returns once the API
     /// server is ready; [`ControlPlane::wait_node_ready`] waits for the node.
     pub fn start_with_node(parent: Option<&Path>, lifetime: Lifetime) -> Result<Self> {
-        Self::start_inner(parent, lifetime, true)
+        Self::start_retrying(parent, lifetime, true)
+    }
+
+    /// The free ports are chosen before etcd and the API server bind them,
+    /// so another process of a parallel test run can take one first: that
+    /// start is stopped and made again on new ports (at most three times).
+    fn start_retrying(parent: Option<&Path>, lifetime: Lifetime, with_node: bool) -> Result<Self> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_inner(parent, lifetime, with_node) {
+                Err(e) if attempt < 3 && format!("{e:#}").contains("address already in use") => {
+                    eprintln!("control-plane: a port was taken meanwhile ({e:#}); starting again on new ports");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
     }
 
     fn start_inner(parent: Option<&Path>, lifetime: Lifetime, with_node: bool) -> Result<Self> {
