@@ -887,3 +887,42 @@ pub fn recorded(dir: &Path) -> Result<(PathBuf, String)> {
     let source = fs::read_to_string(dir.join(SOURCE_FILE)).unwrap_or_default().trim().to_owned();
     Ok((kubeconfig, source))
 }
+
+/// A process a test started with [`spawn_owned`], its output in a log file,
+/// stopped when dropped (even when an assertion fails).
+pub struct OwnedProcess {
+    name: &'static str,
+    pid: u32,
+    log: PathBuf,
+}
+
+impl OwnedProcess {
+    /// Starts `command` (named `name` on its command line), stdout and
+    /// stderr to `log`. Panics, naming it, when it cannot start: a test helper.
+    pub fn start(name: &'static str, mut command: Command, log: PathBuf) -> OwnedProcess {
+        let file = fs::File::create(&log).expect("log file");
+        command.stdin(Stdio::null()).stdout(file.try_clone().expect("log")).stderr(file);
+        let pid = spawn_owned(name, command).unwrap_or_else(|e| panic!("starting {name}: {e:#}"));
+        OwnedProcess { name, pid, log }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to 60 s until something accepts connections on `port` of
+    /// loopback; panics with this process's log otherwise.
+    pub fn await_port(&self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "{} did not listen on {port}:\n{}", self.name, self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for OwnedProcess {
+    fn drop(&mut self) {
+        stop_owned(self.name, self.pid);
+    }
+}

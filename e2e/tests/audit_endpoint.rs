@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fhir_operator::api::{ComplianceCheck, ComplianceEntry, ComplianceStatus, FhirEndpoint};
@@ -18,7 +18,7 @@ use fhir_operator::fhirendpoint::build::{DEFAULT_LIMITS, NGINX_CONF_KEY, audited
 use fhir_operator::fhirendpoint::gateway::{self, GatewaySettings};
 use fhir_operator::fhirendpoint::{pod, validate};
 use fhir_operator::keyrotation::keys::GATEWAY_MAP_ENTRY;
-use fhir_operator_e2e::control_plane::{spawn_owned, stop_owned};
+use fhir_operator_e2e::control_plane::OwnedProcess;
 use fhir_operator_e2e::fhir_client::{Client, issue_certificate};
 use fhir_operator_e2e::operator::{self, Operator, grant_rbac};
 use fhir_operator_e2e::postgres::free_port;
@@ -32,39 +32,6 @@ use serde_json::json;
 const WAIT: Duration = Duration::from_secs(90);
 const BUCKET: &str = "fhir-audit";
 const PREFIX: &str = "prod/patients";
-
-struct Owned {
-    name: &'static str,
-    pid: u32,
-    log: PathBuf,
-}
-
-impl Owned {
-    fn start(name: &'static str, mut command: Command, log: PathBuf) -> Owned {
-        let file = std::fs::File::create(&log).expect("log file");
-        command.stdin(Stdio::null()).stdout(file.try_clone().expect("log")).stderr(file);
-        let pid = spawn_owned(name, command).unwrap_or_else(|e| panic!("starting {name}: {e:#}"));
-        Owned { name, pid, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Owned {
-    fn drop(&mut self) {
-        stop_owned(self.name, self.pid);
-    }
-}
-
-fn await_port(port: u16, what: &str, log: impl Fn() -> String) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not listen on {port}:\n{}", log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 async fn audit_log_entry(
     endpoints: &Api<FhirEndpoint>,
@@ -226,10 +193,10 @@ async fn the_operator_verifies_the_trail_its_sidecar_writes_and_catches_tamperin
     .expect("upstream conf");
     let mut command = Command::new(&nginx);
     command.arg("-c").arg(d.join("upstream.conf")).args(["-g", "daemon off;"]);
-    let _upstream = Owned::start("nginx", command, d.join("upstream.log"));
+    let _upstream = OwnedProcess::start("nginx", command, d.join("upstream.log"));
     let mut command = Command::new(&nginx);
     command.arg("-c").arg(d.join("nginx.conf")).args(["-g", "daemon off;"]);
-    let gateway_process = Owned::start("nginx", command, d.join("nginx.log"));
+    let gateway_process = OwnedProcess::start("nginx", command, d.join("nginx.log"));
     // The rendered arguments, with the pod's paths mapped to the test's.
     let mapped: Vec<String> = rendered_args[1..]
         .iter()
@@ -249,9 +216,9 @@ async fn the_operator_verifies_the_trail_its_sidecar_writes_and_catches_tamperin
         .args(["--stream", "patients-0", "--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
         .env("AWS_ACCESS_KEY_ID", s3.access_key())
         .env("AWS_SECRET_ACCESS_KEY", s3.secret_key());
-    let sidecar_process = Owned::start("fhir-operator", command, d.join("audit-sidecar.log"));
-    await_port(gateway_port, "nginx", || gateway_process.log());
-    await_port(metrics_port, "audit-sidecar", || sidecar_process.log());
+    let sidecar_process = OwnedProcess::start("fhir-operator", command, d.join("audit-sidecar.log"));
+    gateway_process.await_port(gateway_port);
+    sidecar_process.await_port(metrics_port);
 
     // -- Requests: 40 with the key, 10 without.
     let client = Client {

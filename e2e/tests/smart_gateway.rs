@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fhir_operator::api::{FhirEndpoint, KeyRotationSchedule};
@@ -27,7 +27,7 @@ use fhir_operator::fhirendpoint::build::{DEFAULT_LIMITS, NGINX_CONF_KEY, gateway
 use fhir_operator::fhirendpoint::gateway::{self, GatewayAuth, GatewaySettings};
 use fhir_operator::fhirendpoint::{pod, validate};
 use fhir_operator::keyrotation::keys::GATEWAY_MAP_ENTRY;
-use fhir_operator_e2e::control_plane::{spawn_owned, stop_owned};
+use fhir_operator_e2e::control_plane::OwnedProcess;
 use fhir_operator_e2e::fhir_client::{Client, Response, patient};
 use fhir_operator_e2e::idp::{
     BILLING_EXPORT, CLINICAL_PORTAL, ClientOptions, Idp, IdpOptions, SmartSteps, fhirclient_backend_services,
@@ -46,40 +46,6 @@ const WAIT: Duration = Duration::from_secs(90);
 /// everything (batch, operations).
 const READER: &str = "partner-reader";
 const ADMIN: &str = "partner-admin";
-
-/// A process this test started, stopped when dropped.
-struct Owned {
-    name: &'static str,
-    pid: u32,
-    log: PathBuf,
-}
-
-impl Owned {
-    fn start(name: &'static str, mut command: Command, log: PathBuf) -> Owned {
-        let file = std::fs::File::create(&log).expect("log file");
-        command.stdin(Stdio::null()).stdout(file.try_clone().expect("log")).stderr(file);
-        let pid = spawn_owned(name, command).unwrap_or_else(|e| panic!("starting {name}: {e:#}"));
-        Owned { name, pid, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Owned {
-    fn drop(&mut self) {
-        stop_owned(self.name, self.pid);
-    }
-}
-
-fn await_port(port: u16, what: &str, log: impl Fn() -> String) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not listen on {port}:\n{}", log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn tool(name: &str, package: &str) -> PathBuf {
     ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
@@ -381,7 +347,7 @@ async fn smart_tokens_and_scoped_api_keys_are_enforced_by_the_rendered_gateway()
         .env("HFS_DATABASE_URL", work.join("fhir.db"))
         .env("HFS_DATA_DIR", &hfs_data)
         .current_dir(&work);
-    let server = Owned::start("hfs", command, dir.path().join("hfs.log"));
+    let server = OwnedProcess::start("hfs", command, dir.path().join("hfs.log"));
     let mut command = Command::new(operator::binary());
     command.args(["gateway-auth", "--config"]).arg(&auth_file).args([
         "--listen",
@@ -389,13 +355,13 @@ async fn smart_tokens_and_scoped_api_keys_are_enforced_by_the_rendered_gateway()
         "--reload-interval",
         "200ms",
     ]);
-    let verifier = Owned::start("fhir-operator", command, dir.path().join("gateway-auth.log"));
+    let verifier = OwnedProcess::start("fhir-operator", command, dir.path().join("gateway-auth.log"));
     let mut command = Command::new(&nginx);
     command.arg("-c").arg(&conf).args(["-g", "daemon off;"]);
-    let proxy = Owned::start("nginx", command, dir.path().join("nginx.log"));
-    await_port(server_port, "hfs", || server.log());
-    await_port(auth_port, "gateway-auth", || verifier.log());
-    await_port(gateway_port, "nginx", || proxy.log());
+    let proxy = OwnedProcess::start("nginx", command, dir.path().join("nginx.log"));
+    server.await_port(server_port);
+    verifier.await_port(auth_port);
+    proxy.await_port(gateway_port);
 
     let g = Gateway {
         client: Client {
