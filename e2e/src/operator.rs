@@ -17,8 +17,13 @@ use kube::api::{Api, Patch, PatchParams};
 use crate::control_plane::OPERATOR_USER;
 
 /// Path of the operator binary built beside the test binaries
-/// (`make test` and `cargo nextest run --workspace` build it).
+/// (`make test` and `cargo nextest run --workspace` build it), or
+/// `FHIR_OPERATOR_BINARY` when set (a copy that a build of another checkout
+/// sharing the target directory cannot replace mid-run).
 pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("FHIR_OPERATOR_BINARY").filter(|p| !p.is_empty()) {
+        return PathBuf::from(path);
+    }
     let exe = std::env::current_exe().unwrap_or_default();
     // Tests live in target/<profile>/deps/, binaries in target/<profile>/.
     let mut dir = exe.parent().map(Path::to_owned).unwrap_or_default();

@@ -38,6 +38,9 @@ fn custom_values(namespaces: &[&str]) -> Value {
         "gatewayImage": "registry.example/nginx-unprivileged:1.27",
         "replicaCount": 3,
         "watchStallLimit": "5m",
+        "keyHints": {"enabled": false},
+        "networkPolicy": {"extraEgress": [
+            {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"port": 443, "protocol": "TCP"}]}]},
     })
 }
 
@@ -146,16 +149,47 @@ fn default_values_render_a_pod_security_restricted_deployment() {
         assert_eq!(c[probe]["httpGet"]["port"], "metrics");
     }
     assert_eq!(c["ports"][0], json!({"name": "metrics", "containerPort": 8080, "protocol": "TCP"}));
+    assert_eq!(c["ports"][1], json!({"name": "key-hints", "containerPort": 8081, "protocol": "TCP"}));
+    // Key hints: the URL is the hint Service's, the labels select these pods.
+    for expected in [
+        "--key-hints-addr=0.0.0.0:8081",
+        "--key-hints-url=http://fhir-fhir-operator-key-hints.fhir-system.svc:8081/v1/key-hints",
+    ] {
+        assert!(args.contains(&expected), "{expected} missing from {args:?}");
+    }
+    let selector = &one(&objects, "Deployment")["spec"]["selector"]["matchLabels"];
+    let labels = args.iter().find_map(|a| a.strip_prefix("--operator-pod-labels=")).expect("--operator-pod-labels");
+    let labels: serde_json::Map<String, Value> = labels
+        .split(',')
+        .map(|pair| pair.split_once('=').expect("k=v"))
+        .map(|(k, v)| (k.to_owned(), json!(v)))
+        .collect();
+    assert_eq!(&Value::Object(labels), selector, "the hint peer is the operator's own pods");
 
-    let service = one(&objects, "Service");
-    assert_eq!(service["spec"]["ports"][0]["targetPort"], "metrics");
+    let services = of_kind(&objects, "Service");
+    let service = |suffix: &str| {
+        *services
+            .iter()
+            .find(|s| s["metadata"]["name"].as_str().is_some_and(|n| n.ends_with(suffix)))
+            .unwrap_or_else(|| panic!("no Service named *{suffix}"))
+    };
+    assert_eq!(service("-metrics")["spec"]["ports"][0]["targetPort"], "metrics");
+    let hints = service("-key-hints");
+    assert_eq!(hints["spec"]["ports"][0]["targetPort"], "key-hints");
+    assert_eq!(hints["spec"]["selector"], *selector);
     assert!(of_kind(&objects, "ServiceMonitor").is_empty(), "the ServiceMonitor is off by default");
     assert_eq!(one(&objects, "PodDisruptionBudget")["spec"]["minAvailable"], 1);
 
-    // Its own NetworkPolicy: in, only the metrics port; out, only DNS and the API server.
+    // Its own NetworkPolicy: in, only the metrics port and, from gateway
+    // pods, the hint port; out, only DNS and the API server.
     let policy = &one(&objects, "NetworkPolicy")["spec"];
     assert_eq!(policy["policyTypes"], json!(["Ingress", "Egress"]));
-    assert_eq!(policy["ingress"], json!([{"ports": [{"port": 8080, "protocol": "TCP"}]}]));
+    assert_eq!(
+        policy["ingress"],
+        json!([{"ports": [{"port": 8080, "protocol": "TCP"}]},
+               {"ports": [{"port": 8081, "protocol": "TCP"}],
+                "from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "fhir-endpoint"}}}]}])
+    );
     let egress_ports: BTreeSet<i64> = policy["egress"]
         .as_array()
         .unwrap()
@@ -199,6 +233,15 @@ fn non_default_values_render_a_namespaced_install_with_a_service_monitor() {
     ] {
         assert!(args.contains(&expected), "{expected} missing from {args:?}");
     }
+    assert!(!args.iter().any(|a| a.starts_with("--key-hints") || a.starts_with("--operator-pod-labels")), "{args:?}");
+    assert_eq!(of_kind(&objects, "Service").len(), 1, "no hint Service without key hints");
+    let policy = &one(&objects, "NetworkPolicy")["spec"];
+    assert_eq!(policy["ingress"].as_array().map(Vec::len), Some(1), "no hint port without key hints");
+    assert_eq!(
+        policy["egress"][0],
+        json!({"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"port": 443, "protocol": "TCP"}]}),
+        "networkPolicy.extraEgress: the operator reaches a JWKS URL or an S3 audit destination"
+    );
     let monitor = one(&objects, "ServiceMonitor");
     assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");

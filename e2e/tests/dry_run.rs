@@ -200,6 +200,7 @@ async fn every_child_the_operator_builds_passes_the_api_servers_schema() {
             images: Images::default(),
             jwks: Vec::new(),
             audit_public_key: None,
+            key_hints: None,
         };
         let children = build::build(&v, fhir_operator::meta::owner_ref(&ep), &inputs)
             .unwrap_or_else(|e| panic!("{what}: build: {e}"));
@@ -249,6 +250,7 @@ async fn every_child_the_operator_builds_passes_the_api_servers_schema() {
         images: Images::default(),
         jwks: Vec::new(),
         audit_public_key: None,
+        key_hints: None,
     };
     let deployment = build::build(&v, fhir_operator::meta::owner_ref(&ep), &inputs).expect("build").deployment;
     let mut unknown = serde_json::to_value(&deployment).expect("JSON");

@@ -226,6 +226,7 @@ fn render(endpoint: &FhirEndpoint) -> Rendered {
         images: Images::default(),
         jwks: Vec::new(),
         audit_public_key: None,
+        key_hints: None,
     };
     let children =
         build::build(&v, fhir_operator::meta::owner_ref(endpoint), &inputs).expect("the operator builds children");

@@ -80,7 +80,7 @@ fn endpoint(public_url: &str, idp: &Idp, admin: bool) -> Value {
                 "oauth": {
                     "issuers": [
                         {"issuer": idp.issuer(), "audiences": [public_url],
-                         "jwks": {"uri": idp.jwks_uri(), "refreshInterval": "30s"},
+                         "jwks": {"uri": idp.jwks_uri(), "refreshInterval": "1h"},
                          "algorithms": ["RS256", "ES256"]},
                         {"issuer": TEST_ISSUER, "audiences": [public_url],
                          "jwks": {"configMap": {"name": "test-issuer-jwks", "key": "jwks.json"}},
@@ -223,8 +223,17 @@ async fn smart_tokens_and_scoped_api_keys_are_enforced_by_the_rendered_gateway()
     install_crds(&kube).await.expect("CRDs");
     grant_rbac(&kube).await.expect("RBAC");
     let ns = namespace(&kube, "smart").await.expect("namespace");
+    // Keys refresh hourly on schedule: a rotation within the test reaches the
+    // gateway only through the verifier's hint.
     let ca_arg = format!("--jwks-ca-file={}", idp.ca_file().display());
-    let operator = Operator::start(cluster.operator_kubeconfig(), &[&ca_arg]).expect("operator");
+    let hints_port = free_port().expect("port");
+    let hints_args = [
+        ca_arg.clone(),
+        format!("--key-hints-addr=127.0.0.1:{hints_port}"),
+        format!("--key-hints-url=http://127.0.0.1:{hints_port}/v1/key-hints"),
+    ];
+    let hints_args: Vec<&str> = hints_args.iter().map(String::as_str).collect();
+    let mut operator = Operator::start(cluster.operator_kubeconfig(), &hints_args).expect("operator");
     let jwks_doc = json!({"keys": [serde_json::to_value(&test_issuer.jwk).expect("jwk")]});
     apply_value(
         &kube,
@@ -520,9 +529,26 @@ async fn smart_tokens_and_scoped_api_keys_are_enforced_by_the_rendered_gateway()
     assert_eq!(smart["read"]["status"], 200, "{smart}");
     assert_eq!(smart["aud"], public_url.as_str());
 
-    // -- The provider rotates its signing key: refused until the operator's
-    // refresh puts the new key in the ConfigMap (the kubelet's copy is the
-    // test's), then accepted.
+    // -- The provider rotates its signing key. Keys refresh hourly: the
+    // verifier's hint has the operator fetch them at once, and the new key
+    // reaches the ConfigMap (the kubelet's copy is the test's).
+    let publish = |kid: String, within: Duration| {
+        let (kube, ns) = (kube.clone(), ns.clone());
+        wait_for("the new key in the gateway's ConfigMap", within, move || {
+            let (kube, ns, kid) = (kube.clone(), ns.clone(), kid.clone());
+            async move {
+                let data = config_map(&kube, &ns).await;
+                Ok(data.get(AUTH_CONFIG_KEY).is_some_and(|a| a.contains(&kid)).then_some(data))
+            }
+        })
+    };
+    let accepted = |token: String| {
+        let (g, patient_path) = (&g, &patient_path);
+        wait_for("the verifier to reload", Duration::from_secs(10), move || {
+            let r = g.bearer(&token, "GET", patient_path, None);
+            async move { Ok((r.status == 200).then_some(())) }
+        })
+    };
     let new_kid = idp.rotate_signing_key().expect("rotation");
     let rotated = idp.token(BILLING_EXPORT, &["system/Patient.rs"], &public_url).expect("token");
     tokens.push(rotated.clone());
@@ -530,25 +556,47 @@ async fn smart_tokens_and_scoped_api_keys_are_enforced_by_the_rendered_gateway()
     assert_eq!(r.status, 401, "an unknown kid: {}", r.body);
     assert!(r.body.contains("not published"), "{}", r.body);
     let rotation = Instant::now();
-    let data = wait_for("the new key in the gateway's ConfigMap", WAIT, || {
-        let (kube, ns, new_kid) = (kube.clone(), ns.clone(), new_kid.clone());
-        async move {
-            let data = config_map(&kube, &ns).await;
-            Ok(data.get(AUTH_CONFIG_KEY).is_some_and(|a| a.contains(&new_kid)).then_some(data))
-        }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", operator.logs()));
-    eprintln!("the operator published the rotated key {:?} after the rotation", rotation.elapsed());
+    let data = publish(new_kid.clone(), Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", operator.logs(), verifier.log()));
+    eprintln!("the operator published the rotated key {:?} after the first refused token", rotation.elapsed());
     std::fs::write(&auth_file, &data[AUTH_CONFIG_KEY]).expect("auth.json");
-    wait_for("the verifier to reload", Duration::from_secs(10), || {
-        let r = g.bearer(&rotated, "GET", &patient_path, None);
-        async move { Ok((r.status == 200).then_some(())) }
+    accepted(rotated.clone()).await.unwrap_or_else(|e| panic!("{e}\n{}", verifier.log()));
+    let ep = endpoints.get("patients").await.expect("endpoint");
+    assert!(ep.status.expect("status").token_issuers[0].key_ids.contains(&new_kid));
+    let logs = operator.logs();
+    assert!(
+        logs.lines().any(|l| l.contains("keys on a hint") && l.contains(&new_kid)),
+        "the operator fetched on the verifier's hint:\n{logs}"
+    );
+
+    // -- Fault: the operator is killed, and the provider rotates again
+    // meanwhile. The verifier's hints reach nobody; the keys in force stay;
+    // once the operator is back, the new key is published and accepted.
+    operator.kill9();
+    let first_operator_logs = operator.logs();
+    let second_kid = idp.rotate_signing_key().expect("rotation");
+    let second = idp.token(BILLING_EXPORT, &["system/Patient.rs"], &public_url).expect("token");
+    tokens.push(second.clone());
+    assert_eq!(g.bearer(&second, "GET", &patient_path, None).status, 401);
+    assert_eq!(g.bearer(&rotated, "GET", &patient_path, None).status, 200, "the keys in force stay");
+    // The client retries; the verifier hints again once its interval passed.
+    wait_for("the verifier to miss the operator", Duration::from_secs(30), || {
+        let status = g.bearer(&second, "GET", &patient_path, None).status;
+        assert_eq!(status, 401, "a token of an unpublished key");
+        let log = verifier.log();
+        async move { Ok(log.contains("cannot reach the operator with a key hint").then_some(())) }
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", verifier.log()));
-    let ep = endpoints.get("patients").await.expect("endpoint");
-    assert!(ep.status.expect("status").token_issuers[0].key_ids.contains(&new_kid));
+    operator = Operator::start(cluster.operator_kubeconfig(), &hints_args).expect("operator again");
+    let restart = Instant::now();
+    let data = publish(second_kid.clone(), WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", operator.logs(), verifier.log()));
+    eprintln!("after the operator's restart, the second key was published in {:?}", restart.elapsed());
+    std::fs::write(&auth_file, &data[AUTH_CONFIG_KEY]).expect("auth.json");
+    accepted(second.clone()).await.unwrap_or_else(|e| panic!("{e}\n{}", verifier.log()));
 
     // -- accessControl passes once no client may write everything.
     apply_value(&kube, &ns, &endpoint(&public_url, &idp, false)).await;
@@ -577,7 +625,7 @@ async fn smart_tokens_and_scoped_api_keys_are_enforced_by_the_rendered_gateway()
         ("nginx access log", std::fs::read_to_string(gw.join("access.log")).unwrap_or_default()),
         ("nginx error log", std::fs::read_to_string(dir.path().join("nginx.log")).unwrap_or_default()),
         ("gateway-auth output", std::fs::read_to_string(dir.path().join("gateway-auth.log")).unwrap_or_default()),
-        ("operator logs", operator.logs()),
+        ("operator logs", format!("{first_operator_logs}{}", operator.logs())),
         ("operator metrics", operator.metrics()),
         ("endpoint status", serde_json::to_string(&ep.status).unwrap_or_default()),
     ];

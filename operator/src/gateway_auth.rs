@@ -65,7 +65,34 @@ pub struct AuthConfig {
     /// everything (no `spec.auth.clients`).
     pub clients: Option<BTreeMap<String, Vec<String>>>,
     pub issuers: Vec<IssuerConfig>,
+    /// Where to report a token signed with a key no issuer publishes (yet),
+    /// so that the operator fetches the issuer's keys at once instead of at
+    /// its next scheduled refresh. `None`: scheduled refreshes only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_hints: Option<KeyHintsConfig>,
 }
+
+/// The operator's hint receiver, and which endpoint this verifier serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyHintsConfig {
+    pub url: String,
+    pub namespace: String,
+    pub endpoint: String,
+}
+
+/// What the verifier tells the operator: a token of `issuer` named a key
+/// id it does not know. No token, claim or signature goes with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyHint {
+    pub namespace: String,
+    pub endpoint: String,
+    pub issuer: String,
+    pub kid: String,
+}
+
+/// Longest key id a hint carries (a longer one is not reported).
+pub const MAX_HINT_KID: usize = 128;
 
 /// One token issuer, with its public keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,6 +103,9 @@ pub struct IssuerConfig {
     pub algorithms: Vec<SigningAlgorithm>,
     pub client_claim: String,
     pub jwks: JwkSet,
+    /// The keys come from a URL the operator can fetch again on a hint.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refreshable: bool,
 }
 
 pub fn algorithm(alg: SigningAlgorithm) -> Algorithm {
@@ -207,6 +237,19 @@ struct Verified {
     exp: u64,
 }
 
+/// The token of an `Authorization: Bearer` header; `None` without one.
+fn bearer(authorization: Option<&str>) -> Result<Option<&str>, Denial> {
+    match authorization {
+        Some(value) => match value.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+                Ok(Some(token.trim()))
+            }
+            _ => Err(Denial::MalformedToken),
+        },
+        None => Ok(None),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct UnverifiedClaims {
     iss: Option<String>,
@@ -217,6 +260,7 @@ pub struct Verifier {
     base_path: String,
     clients: Option<HashMap<String, Grants>>,
     issuers: Vec<IssuerConfig>,
+    key_hints: Option<KeyHintsConfig>,
     cache: Mutex<HashMap<[u8; 32], Verified>>,
 }
 
@@ -242,22 +286,39 @@ impl Verifier {
             base_path: config.base_path,
             clients,
             issuers: config.issuers,
+            key_hints: config.key_hints,
             cache: Mutex::new(HashMap::new()),
         })
     }
 
+    /// For a token refused for [`Denial::UnknownKey`]: where to tell the
+    /// operator, and what (an issuer whose keys come from a URL, and a
+    /// short printable key id it does not publish here), else `None`.
+    pub fn key_hint(&self, authorization: Option<&str>) -> Option<(String, KeyHint)> {
+        let target = self.key_hints.as_ref()?;
+        let token = bearer(authorization).ok()??;
+        let kid = jsonwebtoken::decode_header(token).ok()?.kid?;
+        if kid.is_empty() || kid.len() > MAX_HINT_KID || !kid.bytes().all(|b| b.is_ascii_graphic()) {
+            return None;
+        }
+        let claims: UnverifiedClaims = jsonwebtoken::dangerous::insecure_decode_claims(token).ok()?;
+        let iss = claims.iss?;
+        let issuer = self.issuers.iter().find(|i| i.issuer == iss && i.refreshable)?;
+        if issuer.jwks.find(&kid).is_some() {
+            return None;
+        }
+        let hint = KeyHint {
+            namespace: target.namespace.clone(),
+            endpoint: target.endpoint.clone(),
+            issuer: issuer.issuer.clone(),
+            kid,
+        };
+        Some((target.url.clone(), hint))
+    }
+
     /// Decides one request at `now` (Unix seconds).
     pub fn check(&self, check: &Check<'_>, now: u64) -> Result<Allowed, Denial> {
-        let bearer = match check.authorization {
-            Some(value) => match value.split_once(' ') {
-                Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
-                    Some(token.trim())
-                }
-                _ => return Err(Denial::MalformedToken),
-            },
-            None => None,
-        };
-        let (client, token) = match bearer {
+        let (client, token) = match bearer(check.authorization)? {
             Some(token) => {
                 let verified = self.verify_token(token, now)?;
                 if !check.api_client.is_empty() && check.api_client != verified.client {
@@ -387,6 +448,84 @@ pub struct Args {
 
 struct Shared {
     verifier: RwLock<Arc<Verifier>>,
+    hinter: Arc<Hinter>,
+}
+
+/// Once the operator took a hint for an issuer (or said it fetched its keys
+/// a moment ago), the next one waits this long: tokens with made-up key
+/// ids cost the operator at most one fetch per interval.
+pub const HINT_INTERVAL: Duration = Duration::from_secs(10);
+/// A hint that did not reach the operator (a restart, a standby replica
+/// behind the Service) may be sent again this soon.
+pub const HINT_RETRY: Duration = Duration::from_secs(1);
+const HINT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Tells the operator of unknown signing keys, in the background: the
+/// refused request is not held up, and the next token with the same key
+/// is accepted once the kubelet has updated the configuration file.
+pub struct Hinter {
+    client: reqwest::Client,
+    next: Mutex<HashMap<String, std::time::Instant>>,
+}
+
+impl Default for Hinter {
+    fn default() -> Self {
+        let client = reqwest::Client::builder()
+            .timeout(HINT_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_default();
+        Hinter { client, next: Mutex::new(HashMap::new()) }
+    }
+}
+
+impl Hinter {
+    /// Whether a hint for `issuer` may go now; if so, holds back the next.
+    fn reserve(&self, issuer: &str, now: std::time::Instant) -> bool {
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        if next.get(issuer).is_some_and(|at| *at > now) {
+            return false;
+        }
+        next.insert(issuer.to_owned(), now + HINT_INTERVAL);
+        true
+    }
+
+    fn retry_soon(&self, issuer: &str) {
+        let at = std::time::Instant::now() + HINT_RETRY;
+        self.next.lock().unwrap_or_else(|e| e.into_inner()).insert(issuer.to_owned(), at);
+    }
+
+    /// Sends `hint` to `url` unless one for its issuer went out lately.
+    pub fn send(self: &Arc<Self>, url: String, hint: KeyHint) {
+        if !self.reserve(&hint.issuer, std::time::Instant::now()) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let body = serde_json::to_vec(&hint).unwrap_or_default();
+            let answer = this
+                .client
+                .post(&url)
+                .header(axum::http::header::CONTENT_TYPE, "application/json")
+                .body(body)
+                .send()
+                .await;
+            match answer {
+                Ok(r) if r.status().is_success() => {
+                    tracing::info!(issuer = %hint.issuer, kid = %hint.kid, status = r.status().as_u16(),
+                        "told the operator of a signing key not published here");
+                }
+                Ok(r) => {
+                    this.retry_soon(&hint.issuer);
+                    tracing::warn!(issuer = %hint.issuer, status = r.status().as_u16(), "the operator did not take the key hint");
+                }
+                Err(error) => {
+                    this.retry_soon(&hint.issuer);
+                    tracing::warn!(issuer = %hint.issuer, error = %error.without_url(), "cannot reach the operator with a key hint");
+                }
+            }
+        });
+    }
 }
 
 fn load(path: &Path) -> Result<(Vec<u8>, Verifier), String> {
@@ -402,7 +541,7 @@ fn load(path: &Path) -> Result<(Vec<u8>, Verifier), String> {
 pub async fn run(args: Args) -> Result<(), String> {
     jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default().ok();
     let (mut current, verifier) = load(&args.config)?;
-    let shared = Arc::new(Shared { verifier: RwLock::new(Arc::new(verifier)) });
+    let shared = Arc::new(Shared { verifier: RwLock::new(Arc::new(verifier)), hinter: Arc::default() });
     let reload = shared.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(args.reload_interval);
@@ -457,6 +596,11 @@ async fn check(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respons
         }
         Err(denial) => {
             tracing::info!(client = request.api_client, denial = denial.name(), "request refused");
+            if denial == Denial::UnknownKey
+                && let Some((url, hint)) = verifier.key_hint(request.authorization)
+            {
+                shared.hinter.send(url, hint);
+            }
             set(AUTH_CHALLENGE, &denial.challenge());
             set(AUTH_REASON, denial.reason());
             (denial.status(), out).into_response()
@@ -516,9 +660,55 @@ mod tests {
                 algorithms: vec![SigningAlgorithm::ES256, SigningAlgorithm::RS256],
                 client_claim: "client_id".into(),
                 jwks: JwkSet { keys: keys.iter().map(|k| k.jwk.clone()).collect() },
+                refreshable: true,
             }],
+            key_hints: Some(KeyHintsConfig {
+                url: "http://operator.test:8081/v1/key-hints".into(),
+                namespace: "ns".into(),
+                endpoint: "patients".into(),
+            }),
         })
         .expect("verifier")
+    }
+
+    #[test]
+    fn an_unknown_key_id_yields_a_hint_naming_issuer_and_kid_and_nothing_else() {
+        let (k1, k2) = (key("k1"), key("k2"));
+        let v = verifier(&[&k1], None);
+        let token = sign(&k2, claims("c", "system/*.rs"));
+        assert_eq!(bearer(&v, &token, "GET", "/fhir/Patient/1"), Err(Denial::UnknownKey));
+        let (url, hint) = v.key_hint(Some(&format!("Bearer {token}"))).expect("a hint");
+        assert_eq!(url, "http://operator.test:8081/v1/key-hints");
+        assert_eq!(
+            hint,
+            KeyHint { namespace: "ns".into(), endpoint: "patients".into(), issuer: ISS.into(), kid: "k2".into() }
+        );
+        let sent = serde_json::to_string(&hint).expect("json");
+        assert!(!sent.contains(token.rsplit('.').next().unwrap()), "no signature in a hint");
+        // A key it knows, a kid too long or unprintable, an issuer whose
+        // keys come from a ConfigMap, no hint target: no hint.
+        assert!(v.key_hint(Some(&format!("Bearer {}", sign(&k1, claims("c", ""))))).is_none());
+        for kid in ["x".repeat(MAX_HINT_KID + 1), "a b".into(), "a\nb".into()] {
+            let odd = Key { kid: kid.clone(), ..key("k3") };
+            assert!(v.key_hint(Some(&format!("Bearer {}", sign(&odd, claims("c", ""))))).is_none(), "{kid:?}");
+        }
+        let mut config_map_issuer = verifier(&[&k1], None);
+        config_map_issuer.issuers[0].refreshable = false;
+        assert!(config_map_issuer.key_hint(Some(&format!("Bearer {token}"))).is_none());
+        let mut no_target = verifier(&[&k1], None);
+        no_target.key_hints = None;
+        assert!(no_target.key_hint(Some(&format!("Bearer {token}"))).is_none());
+        assert!(v.key_hint(Some("Basic abc")).is_none());
+    }
+
+    #[test]
+    fn hints_for_one_issuer_go_at_most_once_per_interval() {
+        let hinter = Hinter::default();
+        let t0 = std::time::Instant::now();
+        assert!(hinter.reserve("https://a", t0));
+        assert!(!hinter.reserve("https://a", t0 + Duration::from_secs(1)));
+        assert!(hinter.reserve("https://b", t0), "each issuer has its own interval");
+        assert!(hinter.reserve("https://a", t0 + HINT_INTERVAL));
     }
 
     fn bearer(v: &Verifier, token: &str, method: &str, uri: &str) -> Result<Allowed, Denial> {

@@ -284,6 +284,7 @@ fn render_documents(docs: &[Document], args: &RenderArgs) -> Result<String, Rend
             images: images.clone(),
             jwks,
             audit_public_key: None,
+            key_hints: None,
         };
         let children = build::build(&v, owner_ref(ep), &inputs).map_err(|e| fail(e.to_string()))?;
         out.push_str(&format!("# FhirEndpoint {id}\n"));

@@ -15,6 +15,7 @@ use crate::backup::job::JobImages;
 use crate::conditions::FastClock;
 use crate::conditions::SystemClock;
 use crate::discovery;
+use crate::fhirendpoint::auth::KeyHints;
 use crate::fhirendpoint::build::Images;
 use crate::fhirendpoint::controller::{self, Settings, Shared};
 use crate::fhirendpoint::reconcile::FIELD_MANAGER;
@@ -45,6 +46,21 @@ pub struct RunArgs {
     /// token issuers' JWKS URLs (`spec.auth.oauth.issuers[].jwks.uri`).
     #[arg(long, value_name = "FILE", env = "FHIR_OPERATOR_JWKS_CA_FILE")]
     pub jwks_ca_file: Option<std::path::PathBuf>,
+    /// Where to listen for the gateways' reports of tokens signed with a
+    /// key they do not know (e.g. `0.0.0.0:8081`), so that the issuer's
+    /// JWKS URL is fetched at once. Unset: keys refresh on schedule only.
+    #[arg(long, value_name = "ADDR", env = "FHIR_OPERATOR_KEY_HINTS_ADDR", requires = "key_hints_url")]
+    pub key_hints_addr: Option<SocketAddr>,
+    /// The URL the gateways call for those reports: a Service in front of
+    /// `--key-hints-addr`, on the same port.
+    #[arg(long, value_name = "URL", env = "FHIR_OPERATOR_KEY_HINTS_URL", requires = "key_hints_addr")]
+    pub key_hints_url: Option<url::Url>,
+    /// Labels of the operator's pods (`k=v`, repeat or comma-separated):
+    /// the gateways' NetworkPolicy then lets them reach the hint port of
+    /// these pods in the operator's namespace (`POD_NAMESPACE`) only.
+    /// Unset: the hint port on any address (an operator outside the cluster).
+    #[arg(long, value_delimiter = ',', env = "FHIR_OPERATOR_POD_LABELS")]
+    pub operator_pod_labels: Vec<String>,
     /// Run the controllers only while holding a Lease, so that of several
     /// replicas one reconciles at a time. `--leader-elect=false` for a
     /// single process that needs no Lease.
@@ -98,6 +114,33 @@ pub enum RunError {
     Serve { addr: SocketAddr, source: std::io::Error },
     #[error("{0}")]
     Jwks(String),
+    #[error("{0}")]
+    Args(String),
+}
+
+/// `--key-hints-*` and `--operator-pod-labels`, checked.
+fn key_hints(args: &RunArgs) -> Result<Option<KeyHints>, RunError> {
+    let (Some(addr), Some(url)) = (args.key_hints_addr, &args.key_hints_url) else { return Ok(None) };
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(RunError::Args(format!("--key-hints-url {url}: needs an http or https URL with a host")));
+    }
+    let operator_pods = if args.operator_pod_labels.is_empty() {
+        None
+    } else {
+        let mut labels = std::collections::BTreeMap::new();
+        for pair in &args.operator_pod_labels {
+            let (k, v) = pair
+                .split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| RunError::Args(format!("--operator-pod-labels {pair:?}: expected key=value")))?;
+            labels.insert(k.to_owned(), v.to_owned());
+        }
+        let namespace = std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty()).ok_or_else(|| {
+            RunError::Args("--operator-pod-labels needs POD_NAMESPACE (the operator's namespace)".into())
+        })?;
+        Some((namespace, labels))
+    };
+    Ok(Some(KeyHints { url: url.clone(), port: addr.port(), operator_pods }))
 }
 
 /// Completes on SIGTERM or SIGINT.
@@ -124,6 +167,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let capabilities = discovery::discover(&client).await.map_err(RunError::Discovery)?;
     info!(?capabilities, version = env!("CARGO_PKG_VERSION"), "fhir-operator starting");
 
+    let key_hints = key_hints(&args)?;
     let readiness = Readiness::default();
     let shutdown = shutdown_signal().boxed().shared();
     let mut server = tokio::spawn(server::serve(
@@ -151,12 +195,23 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         jwks: Arc::new(
             crate::fhirendpoint::jwks::JwksCache::new(args.jwks_ca_file.as_deref()).map_err(RunError::Jwks)?,
         ),
+        key_hints: key_hints.clone(),
         backup_clock: match (args.backup_clock_rate, args.backup_clock_origin) {
             (Some(rate), Some(origin)) => Arc::new(FastClock { origin, rate }),
             _ => Arc::new(SystemClock),
         },
     };
 
+    let hints_server = match args.key_hints_addr {
+        Some(addr) if key_hints.is_some() => {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.map_err(|source| RunError::Serve { addr, source })?;
+            info!(%addr, "listening for the gateways' key hints");
+            let serve = crate::fhirendpoint::jwks::serve_hints(listener, settings.jwks.clone(), shutdown.clone());
+            Some(tokio::spawn(serve))
+        }
+        _ => None,
+    };
     let work = async {
         let mut candidate = None;
         if args.leader_elect {
@@ -206,6 +261,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             result?;
             served_result(server.await, args.metrics_addr)?;
         }
+    }
+    if let Some(hints) = hints_server {
+        hints.abort();
     }
     info!("stopped");
     Ok(())

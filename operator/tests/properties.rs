@@ -43,6 +43,7 @@ fn inputs() -> Inputs {
         images: Images::default(),
         jwks: Vec::new(),
         audit_public_key: None,
+        key_hints: None,
     }
 }
 

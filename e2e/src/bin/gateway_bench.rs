@@ -223,7 +223,9 @@ fn main() -> Result<()> {
             algorithms: vec![SigningAlgorithm::ES256],
             client_claim: "client_id".into(),
             jwks: JwkSet { keys: vec![jwk] },
+            refreshable: false,
         }],
+        key_hints: None,
     };
     std::fs::write(d.join("auth.json"), serde_json::to_vec(&config)?)?;
     let _verifier = spawn(

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::validate::InvalidSpec;
 use crate::api::{AuthSpec, IssuerSpec};
-use crate::gateway_auth::{AuthConfig, IssuerConfig};
+use crate::gateway_auth::{AuthConfig, IssuerConfig, KeyHintsConfig};
 use crate::smart::Scope;
 
 /// Key of the verifier's configuration in the gateway's ConfigMap.
@@ -46,6 +46,27 @@ pub struct Auth {
     pub issuers: Vec<(IssuerSpec, KeySource)>,
     /// `None` without `spec.auth.clients`.
     pub clients: Option<BTreeMap<String, Vec<Scope>>>,
+}
+
+impl Auth {
+    /// Whether some issuer's keys come from a URL (and a key hint helps).
+    pub fn refreshable(&self) -> bool {
+        self.issuers.iter().any(|(_, source)| matches!(source, KeySource::Uri { .. }))
+    }
+}
+
+/// Where the gateways' verifiers report a token signed with a key they do
+/// not know (`fhir-operator run --key-hints-*`), so that the operator
+/// fetches that issuer's keys at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyHints {
+    /// What the verifiers call.
+    pub url: url::Url,
+    /// The port the operator listens on: what the gateway pods may reach.
+    pub port: u16,
+    /// The operator's pods, as a NetworkPolicy peer (namespace, labels);
+    /// `None`: any address (an operator running outside the cluster).
+    pub operator_pods: Option<(String, BTreeMap<String, String>)>,
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> InvalidSpec {
@@ -197,8 +218,11 @@ pub fn parse_jwks(bytes: &[u8]) -> Result<(JwkSet, Vec<String>), String> {
 /// The verifier's configuration: `jwks` holds each issuer's key set, in the
 /// order of `auth.issuers` (an empty set while none could be read: every
 /// token of that issuer is refused).
-pub fn auth_config(auth: &Auth, base_path: &str, jwks: &[JwkSet]) -> AuthConfig {
+/// `key_hints`: where this endpoint's verifier reports unknown keys (used
+/// only when some issuer's keys come from a URL).
+pub fn auth_config(auth: &Auth, base_path: &str, jwks: &[JwkSet], key_hints: Option<KeyHintsConfig>) -> AuthConfig {
     AuthConfig {
+        key_hints: key_hints.filter(|_| auth.refreshable()),
         base_path: if base_path.is_empty() { "/".into() } else { base_path.into() },
         clients: auth.clients.as_ref().map(|clients| {
             clients.iter().map(|(id, scopes)| (id.clone(), scopes.iter().map(Scope::to_string).collect())).collect()
@@ -207,7 +231,8 @@ pub fn auth_config(auth: &Auth, base_path: &str, jwks: &[JwkSet]) -> AuthConfig 
             .issuers
             .iter()
             .zip(jwks.iter().cloned().chain(std::iter::repeat(JwkSet { keys: Vec::new() })))
-            .map(|((spec, _), jwks)| IssuerConfig {
+            .map(|((spec, source), jwks)| IssuerConfig {
+                refreshable: matches!(source, KeySource::Uri { .. }),
                 issuer: spec.issuer.clone(),
                 audiences: spec.audiences.clone(),
                 algorithms: spec.algorithms.clone(),
@@ -275,7 +300,7 @@ mod tests {
     fn a_valid_spec_checks_and_normalises_scopes() {
         let auth = check(&spec()).unwrap().unwrap();
         assert_eq!(auth.clients.as_ref().unwrap()["billing-export"][0].to_string(), "system/Patient.rs");
-        let config = auth_config(&auth, "/fhir", &[]);
+        let config = auth_config(&auth, "/fhir", &[], None);
         assert!(config.issuers[0].jwks.keys.is_empty(), "no keys read yet: every token refused");
         assert_eq!(config.clients.unwrap()["billing-export"], vec!["system/Patient.rs".to_owned()]);
         assert_eq!(check(&AuthSpec { api_keys: vec!["k".into()], ..Default::default() }).unwrap(), None);

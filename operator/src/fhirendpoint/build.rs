@@ -86,6 +86,8 @@ pub struct Inputs {
     pub jwks: Vec<JwkSet>,
     /// The audit trail's public key (PEM), once its Secret exists.
     pub audit_public_key: Option<String>,
+    /// Where verifiers report unknown signing keys; `None`: nowhere.
+    pub key_hints: Option<auth::KeyHints>,
 }
 
 /// The children of one endpoint. `apply` destructures this without `..`,
@@ -189,7 +191,12 @@ pub fn build(v: &Validated<'_>, owner: OwnerReference, inputs: &Inputs) -> Resul
     let config_hash = crate::meta::sha256_hex(nginx_conf.as_bytes());
     let mut data = BTreeMap::from([(NGINX_CONF_KEY.to_owned(), nginx_conf)]);
     if let Some(auth) = &v.auth {
-        let config = auth::auth_config(auth, v.flavor.base_path(), &inputs.jwks);
+        let hints = inputs.key_hints.as_ref().map(|h| crate::gateway_auth::KeyHintsConfig {
+            url: h.url.to_string(),
+            namespace: v.namespace.clone(),
+            endpoint: v.name.clone(),
+        });
+        let config = auth::auth_config(auth, v.flavor.base_path(), &inputs.jwks, hints);
         let json = serde_json::to_string_pretty(&config).unwrap_or_default();
         data.insert(auth::AUTH_CONFIG_KEY.to_owned(), json);
         if let Some(smart) = auth::smart_configuration(&spec.auth) {
@@ -211,7 +218,7 @@ pub fn build(v: &Validated<'_>, owner: OwnerReference, inputs: &Inputs) -> Resul
 
     let deployment = pod::deployment(v, meta(v.name.clone()), inputs, &config_hash);
     let service = network::service(v, meta(v.name.clone()));
-    let network_policy = network::network_policy(v, meta(v.name.clone()));
+    let network_policy = network::network_policy(v, meta(v.name.clone()), inputs.key_hints.as_ref());
 
     let disruption_budget =
         (spec.server.replicas > 1 && inputs.capabilities.pdb != PdbApi::NotServed).then(|| PodDisruptionBudget {

@@ -517,6 +517,7 @@ mod tests {
             images: Images::default(),
             jwks: Vec::new(),
             audit_public_key: None,
+            key_hints: None,
         };
         let children = build::build(&v, crate::meta::owner_ref(&ep), &inputs).unwrap();
         let now = Timestamp::UNIX_EPOCH + SignedDuration::from_hours(24);

@@ -72,6 +72,8 @@ pub struct Settings {
     pub backup_clock: Arc<dyn crate::conditions::Clock>,
     /// Token issuers' keys fetched from JWKS URLs, for every scope.
     pub jwks: Arc<super::jwks::JwksCache>,
+    /// Where gateways report unknown signing keys; `None`: nowhere.
+    pub key_hints: Option<super::auth::KeyHints>,
 }
 
 /// Shared by the controllers of every scope.
@@ -89,6 +91,24 @@ pub struct Shared {
 /// Endpoints (in `store`) whose spec names `matches`.
 fn referencing(store: &Store<FhirEndpoint>, matches: impl Fn(&FhirEndpoint) -> bool) -> Vec<ObjectRef<FhirEndpoint>> {
     store.state().iter().filter(|ep| matches(ep)).map(|ep| ObjectRef::from_obj(ep.as_ref())).collect()
+}
+
+/// Endpoints of this scope whose issuers' keys a gateway's hint fetched.
+fn key_hint_reconciles(
+    cache: &super::jwks::JwksCache,
+    namespace: Option<String>,
+) -> impl futures::Stream<Item = ObjectRef<FhirEndpoint>> + Send + 'static {
+    use tokio::sync::broadcast::error::RecvError;
+    futures::stream::unfold(cache.subscribe(), |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(endpoint) => return Some((endpoint, rx)),
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    })
+    .filter(move |endpoint| futures::future::ready(namespace.is_none() || endpoint.namespace == namespace))
 }
 
 /// Runs the controller of one scope until `shutdown` completes.
@@ -170,6 +190,7 @@ pub async fn run_scope(
             let ns = policy.namespace();
             referencing(&by_backup, |ep| ep.namespace() == ns && ep.name_any() == policy.spec.endpoint)
         })
+        .reconcile_on(key_hint_reconciles(&settings.jwks, namespace.clone()))
         .graceful_shutdown_on(shutdown);
 
     let caches = Caches {
@@ -194,6 +215,7 @@ pub async fn run_scope(
         capabilities: RwLock::new(caps),
         images: settings.images.clone(),
         jwks: settings.jwks.clone(),
+        key_hints: settings.key_hints.clone(),
         audit_checks: Default::default(),
         clock: shared.clock.clone(),
         metrics: shared.metrics.clone(),

@@ -13,6 +13,7 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::auth::KeyHints;
 use super::build::selector_labels;
 use super::gateway;
 use super::validate::Validated;
@@ -80,7 +81,9 @@ fn default_scrapers() -> NetworkPolicyPeer {
     }
 }
 
-pub fn network_policy(v: &Validated<'_>, metadata: ObjectMeta) -> NetworkPolicy {
+/// `key_hints`: where the verifier reports unknown signing keys, when some
+/// token issuer's keys come from a URL (the operator's port, nothing else).
+pub fn network_policy(v: &Validated<'_>, metadata: ObjectMeta, key_hints: Option<&KeyHints>) -> NetworkPolicy {
     let spec = &v.endpoint.spec;
     // Clients: every pod of the endpoint's own namespace, plus the listed peers.
     let mut clients = vec![NetworkPolicyPeer { pod_selector: Some(LabelSelector::default()), ..Default::default() }];
@@ -127,6 +130,20 @@ pub fn network_policy(v: &Validated<'_>, metadata: ObjectMeta) -> NetworkPolicy 
             ports: Some(vec![tcp(port.into())]),
         });
     }
+    if let Some(hints) = key_hints.filter(|_| v.auth.as_ref().is_some_and(|a| a.refreshable())) {
+        let to = match &hints.operator_pods {
+            Some((namespace, labels)) => NetworkPolicyPeer {
+                namespace_selector: Some(labelled(&[("kubernetes.io/metadata.name", namespace)])),
+                pod_selector: Some(LabelSelector { match_labels: Some(labels.clone()), ..Default::default() }),
+                ..Default::default()
+            },
+            None => NetworkPolicyPeer {
+                ip_block: Some(IPBlock { cidr: "0.0.0.0/0".into(), except: None }),
+                ..Default::default()
+            },
+        };
+        egress.push(NetworkPolicyEgressRule { to: Some(vec![to]), ports: Some(vec![tcp(hints.port.into())]) });
+    }
     NetworkPolicy {
         metadata,
         spec: Some(NetworkPolicySpec {
@@ -135,5 +152,60 @@ pub fn network_policy(v: &Validated<'_>, metadata: ObjectMeta) -> NetworkPolicy 
             ingress: Some(ingress),
             egress: Some(egress),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::FhirEndpoint;
+    use crate::fhirendpoint::validate::validate;
+    use serde_json::json;
+
+    fn endpoint(jwks: serde_json::Value) -> FhirEndpoint {
+        serde_json::from_value(json!({
+            "apiVersion": "fhiroperator.io/v1alpha1", "kind": "FhirEndpoint",
+            "metadata": {"name": "patients", "namespace": "clinical"},
+            "spec": {
+                "publicUrl": "https://patients.example.org/fhir",
+                "server": {"image": "hapiproject/hapi:v7.2.0"},
+                "auth": {"oauth": {"issuers": [{"issuer": "https://idp.example.org",
+                    "audiences": ["https://patients.example.org/fhir"], "jwks": jwks}]}},
+            }
+        }))
+        .expect("endpoint")
+    }
+
+    fn hint_rules(ep: &FhirEndpoint, hints: &KeyHints) -> Vec<NetworkPolicyEgressRule> {
+        let v = validate(ep).expect("valid");
+        let policy = network_policy(&v, ObjectMeta::default(), Some(hints));
+        let egress = policy.spec.and_then(|s| s.egress).unwrap_or_default();
+        egress
+            .into_iter()
+            .filter(|r| r.ports.as_ref().is_some_and(|p| p[0].port == Some(IntOrString::Int(8081))))
+            .collect()
+    }
+
+    #[test]
+    fn gateways_reach_only_the_operators_hint_port_and_only_with_a_jwks_url() {
+        let labels = BTreeMap::from([("app.kubernetes.io/name".to_owned(), "fhir-operator".to_owned())]);
+        let hints = KeyHints {
+            url: url::Url::parse("http://fhir-operator-key-hints.fhir-system.svc:8081/v1/key-hints").unwrap(),
+            port: 8081,
+            operator_pods: Some(("fhir-system".into(), labels.clone())),
+        };
+        let by_url = endpoint(json!({"uri": "https://idp.example.org/jwks"}));
+        let rules = hint_rules(&by_url, &hints);
+        assert_eq!(rules.len(), 1);
+        let to = &rules[0].to.as_ref().expect("peers")[0];
+        assert_eq!(to.pod_selector.as_ref().and_then(|s| s.match_labels.clone()), Some(labels));
+        assert_eq!(
+            to.namespace_selector.as_ref().and_then(|s| s.match_labels.clone()),
+            Some(BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), "fhir-system".to_owned())]))
+        );
+        assert!(to.ip_block.is_none());
+        // Keys from a ConfigMap: nothing to hint, no rule.
+        let by_config_map = endpoint(json!({"configMap": {"name": "idp-jwks", "key": "jwks.json"}}));
+        assert!(hint_rules(&by_config_map, &hints).is_empty());
     }
 }

@@ -80,6 +80,8 @@ pub struct Context {
     pub capabilities: RwLock<Capabilities>,
     pub images: Images,
     pub jwks: Arc<super::jwks::JwksCache>,
+    /// Where gateways report unknown signing keys; `None`: nowhere.
+    pub key_hints: Option<super::auth::KeyHints>,
     pub audit_checks: Arc<super::audit_check::AuditChecks>,
     pub clock: Arc<dyn Clock>,
     pub metrics: SharedMetrics,
@@ -208,7 +210,7 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
         None => None,
     };
     let (jwks, token_issuers, jwks_recheck) = match &v.auth {
-        Some(auth) => jwks::issuer_keys(auth, ctx.applier.client(), &v.namespace, &ctx.jwks, now).await,
+        Some(auth) => jwks::issuer_keys(auth, ctx.applier.client(), &v.namespace, &v.name, &ctx.jwks, now).await,
         None => (Vec::new(), Vec::new(), None),
     };
 
@@ -222,6 +224,7 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
         images: ctx.images.clone(),
         jwks,
         audit_public_key: audit_key.as_ref().map(|k| k.pem.clone()),
+        key_hints: ctx.key_hints.clone(),
     };
     let children = match build::build(&v, owner, &inputs) {
         Ok(children) => children,

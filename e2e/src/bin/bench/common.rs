@@ -58,6 +58,7 @@ pub fn children_for(ep: &FhirEndpoint, tier: Option<RateLimitTierSpec>, tls_fing
         images: Images::default(),
         jwks: Vec::new(),
         audit_public_key: None,
+        key_hints: None,
     };
     Ok(build::build(&v, fhir_operator::meta::owner_ref(ep), &inputs)?)
 }
