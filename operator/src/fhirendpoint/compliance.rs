@@ -187,9 +187,12 @@ fn audit_log(ns: &str, facts: &Facts) -> ComplianceEntry {
     let mut evidence = vec![
         format!("destination {}", audit.destination),
         format!("Secret/{ns}/{} (Ed25519 key {})", audit.key_secret, audit.key_id),
-        format!("verified at {}", audit.verified_at),
     ];
+    if !matches!(audit.verification, Verification::Pending(_)) {
+        evidence.push(format!("verified at {}", audit.verified_at));
+    }
     match &audit.verification {
+        Verification::Pending(why) => entry(name, Unknown, "VerificationPending", why.clone(), evidence),
         Verification::NotVerifiable(why) => entry(name, Unknown, "NotVerifiableByOperator", why.clone(), evidence),
         Verification::Unreadable(why) => entry(name, Fail, "DestinationUnreadable", why.clone(), evidence),
         Verification::Verified { problem: Some(problem), .. } => {
