@@ -239,7 +239,13 @@ impl AuditChecks {
             Vec::new()
         };
         match audit_job::result_of(&found, &pods, now) {
-            JobResult::Running => (at_now(Verification::Pending(format!("verification Job {name} runs"))), soon),
+            JobResult::Running => {
+                let last = match self.by_job.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+                    Some((job, checked)) => format!("the last finished verification, Job {job}, ended {}", checked.at),
+                    None => "no verification has finished yet".to_owned(),
+                };
+                (at_now(Verification::Pending(format!("verification Job {name} runs; {last}"))), soon)
+            }
             JobResult::Finished { at, verification } => {
                 let checked = Checked { at, verification };
                 self.by_job.lock().unwrap_or_else(|e| e.into_inner()).insert(id, (name, checked.clone()));

@@ -159,8 +159,10 @@ pub fn build(inputs: &VerifyJobInputs<'_>) -> Job {
         },
         spec: Some(JobSpec {
             backoff_limit: Some(0),
-            // A verification that outlives its period is superseded.
-            active_deadline_seconds: Some(seal.max(120)),
+            // A verification that cannot finish within its period (a pod
+            // that cannot mount the claim, a trail too long to check) fails
+            // within it and says so; at least a minute for the pod to start.
+            active_deadline_seconds: Some((seal * 9 / 10).max(60)),
             // The operator deletes superseded Jobs; this is the backstop.
             ttl_seconds_after_finished: Some((2 * seal).max(3600) as i32),
             template: PodTemplateSpec {
@@ -386,7 +388,7 @@ mod tests {
         assert_eq!(job.metadata.name.as_deref(), Some("patients-audit-1767225900"));
         assert_eq!(job.metadata.owner_references.as_ref().unwrap()[0].uid, "ep-uid");
         let spec = job.spec.clone().unwrap();
-        assert_eq!((spec.backoff_limit, spec.active_deadline_seconds), (Some(0), Some(300)));
+        assert_eq!((spec.backoff_limit, spec.active_deadline_seconds), (Some(0), Some(270)));
         assert_eq!(spec.ttl_seconds_after_finished, Some(3600));
         let pod = spec.template.spec.unwrap();
         assert_eq!(pod.automount_service_account_token, Some(false));
