@@ -223,8 +223,18 @@ impl AuditChecks {
             }
         };
         if !audit_job::is_built(&found, &built) {
-            let why = format!("Job {name} is not the verification Job the operator builds: its result is not evidence");
-            return (at_now(Verification::Unreadable(why)), next_period);
+            if !audit_job::same_owner(&found, &built) {
+                let why = format!("Job {name} is not the endpoint's verification Job: its result is not evidence");
+                return (at_now(Verification::Unreadable(why)), next_period);
+            }
+            // The endpoint's, from another image or key (the operator was
+            // upgraded within the period): replaced, not believed.
+            let params = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
+            if let Err(e) = jobs.delete(&name, &params).await {
+                warn!(endpoint, job = %name, error = %e, "deleting an outdated audit verification Job");
+            }
+            let why = format!("verification Job {name} was built otherwise (another image or key): replacing it");
+            return (at_now(Verification::Pending(why)), soon);
         }
         let pods = if crate::backup::controller::finished(&found).is_some() {
             let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);

@@ -199,14 +199,19 @@ pub fn build(inputs: &VerifyJobInputs<'_>) -> Job {
     }
 }
 
+/// Whether both Jobs have the same controller (the endpoint, by uid).
+pub fn same_owner(found: &Job, built: &Job) -> bool {
+    let owner = |j: &Job| {
+        j.metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true)).map(|o| o.uid.clone())
+    };
+    owner(found).is_some() && owner(found) == owner(built)
+}
+
 /// Whether a Job found under the period's name is the one [`build`] made:
 /// owned by the endpoint, the same image and arguments (the public key
 /// among them), the same claim mounted read-only. Anything else is not
 /// evidence.
 pub fn is_built(found: &Job, built: &Job) -> bool {
-    let owner = |j: &Job| {
-        j.metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true)).map(|o| o.uid.clone())
-    };
     let pod = |j: &Job| j.spec.as_ref().and_then(|s| s.template.spec.clone());
     let (Some(found_pod), Some(built_pod)) = (pod(found), pod(built)) else { return false };
     let container = |p: &PodSpec| {
@@ -219,8 +224,7 @@ pub fn is_built(found: &Job, built: &Job) -> bool {
             .map(|v| v.persistent_volume_claim.as_ref().map(|c| (c.claim_name.clone(), c.read_only)))
             .collect::<Vec<_>>()
     };
-    owner(found).is_some()
-        && owner(found) == owner(built)
+    same_owner(found, built)
         && found_pod.containers.len() == 1
         && container(&found_pod) == container(&built_pod)
         && claims(&found_pod) == claims(&built_pod)
@@ -443,6 +447,11 @@ mod tests {
         assert!(!edited(&|j| j.metadata.owner_references = None), "no owner");
         assert!(!edited(&|j| j.metadata.owner_references.as_mut().unwrap()[0].uid = "other".into()), "another owner");
         assert!(!edited(&|j| pod(j).containers[0].image = Some("evil:1".into())), "another image");
+        let mut upgraded = built.clone();
+        pod(&mut upgraded).containers[0].image = Some("fhir-operator:2".into());
+        assert!(same_owner(&upgraded, &built), "the endpoint's, from another image: replaced, not believed");
+        upgraded.metadata.owner_references.as_mut().unwrap()[0].uid = "other".into();
+        assert!(!same_owner(&upgraded, &built));
         assert!(!edited(&|j| pod(j).containers[0].args = Some(vec!["sh".into()])), "other arguments");
         assert!(!edited(&|j| {
             pod(j).containers[0].args.as_mut().unwrap()[3] = "--public-key-base64=AAAA".into();
