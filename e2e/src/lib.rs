@@ -199,6 +199,22 @@ pub async fn namespace(client: &Client, prefix: &str) -> Result<String> {
     created.metadata.name.context("namespace without a name")
 }
 
+/// The endpoint `name` with its `auditLog` compliance entry, when that
+/// entry's reason is `reason`.
+pub async fn audit_log_entry(
+    endpoints: &Api<fhir_operator::api::FhirEndpoint>,
+    name: &str,
+    reason: &str,
+) -> Result<Option<(fhir_operator::api::FhirEndpoint, fhir_operator::api::ComplianceEntry)>> {
+    let ep = endpoints.get(name).await?;
+    let entry = ep
+        .status
+        .as_ref()
+        .and_then(|s| s.compliance.iter().find(|c| c.name == fhir_operator::api::ComplianceCheck::AuditLog).cloned())
+        .filter(|c| c.reason == reason);
+    Ok(entry.map(|e| (ep, e)))
+}
+
 /// Polls `check` every 100 ms until it yields a value or `timeout` passes;
 /// the error names what was awaited and the last thing seen.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fhir_operator::api::{ComplianceCheck, ComplianceEntry, ComplianceStatus, FhirEndpoint};
+use fhir_operator::api::{ComplianceStatus, FhirEndpoint};
 use fhir_operator::fhirendpoint::audit::{AUDIT_CONTAINER, PUBLIC_KEY_CONFIG_KEY, signing_key_secret};
 use fhir_operator::fhirendpoint::build::{DEFAULT_LIMITS, NGINX_CONF_KEY, audited, gateway_config_name};
 use fhir_operator::fhirendpoint::gateway::{self, GatewaySettings};
@@ -23,7 +23,7 @@ use fhir_operator_e2e::fhir_client::{Client, issue_certificate};
 use fhir_operator_e2e::operator::{self, Operator, grant_rbac};
 use fhir_operator_e2e::postgres::free_port;
 use fhir_operator_e2e::s3::S3Server;
-use fhir_operator_e2e::{apply_value, cluster, install_crds, namespace, wait_for};
+use fhir_operator_e2e::{apply_value, audit_log_entry, cluster, install_crds, namespace, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::Api;
@@ -32,19 +32,6 @@ use serde_json::json;
 const WAIT: Duration = Duration::from_secs(90);
 const BUCKET: &str = "fhir-audit";
 const PREFIX: &str = "prod/patients";
-
-async fn audit_log_entry(
-    endpoints: &Api<FhirEndpoint>,
-    reason: &str,
-) -> anyhow::Result<Option<(FhirEndpoint, ComplianceEntry)>> {
-    let ep = endpoints.get("patients").await?;
-    let entry = ep
-        .status
-        .as_ref()
-        .and_then(|s| s.compliance.iter().find(|c| c.name == ComplianceCheck::AuditLog).cloned())
-        .filter(|c| c.reason == reason);
-    Ok(entry.map(|e| (ep, e)))
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_operator_verifies_the_trail_its_sidecar_writes_and_catches_tampering() {
@@ -105,7 +92,7 @@ async fn the_operator_verifies_the_trail_its_sidecar_writes_and_catches_tamperin
     let endpoints: Api<FhirEndpoint> = Api::namespaced(kube.clone(), &ns);
     let (ep, entry) = wait_for("auditLog NoCheckpointYet", WAIT, || {
         let endpoints = endpoints.clone();
-        async move { audit_log_entry(&endpoints, "NoCheckpointYet").await }
+        async move { audit_log_entry(&endpoints, "patients", "NoCheckpointYet").await }
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", operator.logs()));
@@ -244,7 +231,7 @@ async fn the_operator_verifies_the_trail_its_sidecar_writes_and_catches_tamperin
     let (_, entry) = wait_for("auditLog AuditTrailVerified with 50 records", WAIT, || {
         let endpoints = endpoints.clone();
         async move {
-            Ok(audit_log_entry(&endpoints, "AuditTrailVerified")
+            Ok(audit_log_entry(&endpoints, "patients", "AuditTrailVerified")
                 .await?
                 .filter(|(ep, _)| ep.status.as_ref().and_then(|s| s.audit.as_ref()).is_some_and(|a| a.records == 50)))
         }
@@ -294,7 +281,7 @@ async fn the_operator_verifies_the_trail_its_sidecar_writes_and_catches_tamperin
     std::fs::write(&file, bytes).expect("tamper");
     let (_, entry) = wait_for("auditLog AuditTrailBroken", WAIT, || {
         let endpoints = endpoints.clone();
-        async move { audit_log_entry(&endpoints, "AuditTrailBroken").await }
+        async move { audit_log_entry(&endpoints, "patients", "AuditTrailBroken").await }
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", operator.logs()));

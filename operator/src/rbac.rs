@@ -61,13 +61,16 @@ pub const RULES: &[Rule] = &[
         resources: &["jobs"],
         verbs: &["get", "list", "watch", "create", "delete"],
         why: "backup and restore drill Jobs (backup/job.rs): created once per slot, deleted once their result \
-              is in status (backup/controller.rs)",
+              is in status (backup/controller.rs); audit verification Jobs of a PersistentVolumeClaim trail \
+              (fhirendpoint/audit_job.rs): get/create one per sealEvery period, list/delete the superseded ones \
+              (fhirendpoint::audit_check::check_by_job)",
     },
     Rule {
         api_group: "",
         resources: &["pods"],
         verbs: &["list"],
-        why: "a finished backup Job's result is its pod's termination message (backup::controller::job_views)",
+        why: "a finished backup or audit verification Job's result is its pod's termination message \
+              (backup::controller::job_views, fhirendpoint::audit_check::check_by_job)",
     },
     Rule {
         api_group: "networking.k8s.io",

@@ -6,6 +6,7 @@ use super::checkpoint::parse_public_key;
 use super::query::{Filter, query};
 use super::record::parse_time;
 use super::store::{AuditStore, DestinationArgs};
+use super::summary::Summary;
 use super::verify::{Report, verify};
 
 #[derive(clap::Args, Debug)]
@@ -29,8 +30,13 @@ pub struct VerifyArgs {
     pub destination: DestinationArgs,
     /// The endpoint's Ed25519 public key: SubjectPublicKeyInfo PEM, or its
     /// 32 bytes in base64 (with `--dir` or `--s3-bucket`).
-    #[arg(long, value_name = "FILE", required_unless_present = "endpoint")]
+    #[arg(long, value_name = "FILE", required_unless_present_any = ["endpoint", "public_key_base64"])]
     pub public_key: Option<PathBuf>,
+    /// The public key itself, as its 32 bytes in base64 (`status.audit.publicKey`):
+    /// how the operator's verification Job is given it, in its immutable
+    /// spec rather than from a mounted object that could change under it.
+    #[arg(long, value_name = "BASE64", conflicts_with_all = ["public_key", "endpoint"])]
+    pub public_key_base64: Option<String>,
     /// A FhirEndpoint with `spec.audit` (S3): its destination, credentials
     /// and public key are read from the cluster of the kubeconfig.
     #[arg(long, value_name = "NAME", conflicts_with_all = ["public_key", "dir", "s3_bucket"])]
@@ -44,6 +50,11 @@ pub struct VerifyArgs {
     /// Print the report as JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Also write a small JSON summary (counts, last checkpoint, the first
+    /// broken segment and record; never key material or record content)
+    /// here, e.g. `/dev/termination-log` in a Job the operator reads.
+    #[arg(long, value_name = "FILE")]
+    pub summary: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -116,29 +127,24 @@ async fn endpoint_trail(name: &str, namespace: Option<&str>) -> Result<(AuditSto
         .and_then(|d| d.get(super::PUBLIC_KEY_ENTRY).and_then(|b| String::from_utf8(b.0.clone()).ok()))
         .ok_or_else(|| format!("Secret {namespace}/{key_secret} has no {}", super::PUBLIC_KEY_ENTRY))?;
     let store = open_destination(&client, &namespace, &audit).await.map_err(|why| match why {
-        Verification::NotVerifiable(m) | Verification::Unreadable(m) => m,
+        Verification::NotVerifiable(m) | Verification::Pending(m) | Verification::Unreadable(m) => m,
         Verification::Verified { .. } => String::new(),
     })?;
     Ok((store, public))
 }
 
 async fn run_verify(args: VerifyArgs) -> Result<(), String> {
-    let (store, text) = match (&args.endpoint, &args.public_key) {
-        (Some(endpoint), _) => endpoint_trail(endpoint, args.namespace.as_deref()).await?,
-        (None, Some(file)) => {
-            let text =
-                std::fs::read_to_string(file).map_err(|e| format!("reading the public key {}: {e}", file.display()))?;
-            (AuditStore::open(&args.destination).map_err(|e| e.to_string())?, text)
+    let result = verify_and_report(&args).await;
+    if let Some(file) = &args.summary {
+        let summary = match &result {
+            Ok(report) => Summary::from_report(report),
+            Err(e) => Summary::error(e),
+        };
+        if let Err(e) = std::fs::write(file, summary.to_message()) {
+            eprintln!("fhir-operator: cannot write the summary to {}: {e}", file.display());
         }
-        (None, None) => return Err("--public-key or --endpoint is required".into()),
-    };
-    let key = parse_public_key(&text).map_err(|e| format!("the public key: {e}"))?;
-    let report = verify(&store, &key, args.stream.as_deref()).await.map_err(|e| e.to_string())?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
-    } else {
-        print!("{}", describe(&report));
     }
+    let report = result?;
     if report.ok() {
         return Ok(());
     }
@@ -148,6 +154,28 @@ async fn run_verify(args: VerifyArgs) -> Result<(), String> {
         return Err(format!("{}: no audit stream found", report.destination));
     }
     Err(format!("the audit trail does not verify: {}", broken.join("; ")))
+}
+
+/// Verifies and prints the report.
+async fn verify_and_report(args: &VerifyArgs) -> Result<Report, String> {
+    let (store, text) = match (&args.endpoint, &args.public_key, &args.public_key_base64) {
+        (Some(endpoint), ..) => endpoint_trail(endpoint, args.namespace.as_deref()).await?,
+        (None, Some(file), _) => {
+            let text =
+                std::fs::read_to_string(file).map_err(|e| format!("reading the public key {}: {e}", file.display()))?;
+            (AuditStore::open(&args.destination).map_err(|e| e.to_string())?, text)
+        }
+        (None, None, Some(key)) => (AuditStore::open(&args.destination).map_err(|e| e.to_string())?, key.clone()),
+        (None, None, None) => return Err("--public-key or --endpoint is required".into()),
+    };
+    let key = parse_public_key(&text).map_err(|e| format!("the public key: {e}"))?;
+    let report = verify(&store, &key, args.stream.as_deref()).await.map_err(|e| e.to_string())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    } else {
+        print!("{}", describe(&report));
+    }
+    Ok(report)
 }
 
 /// The text report: what was checked, per stream.

@@ -51,6 +51,7 @@ pub mod retention;
 pub mod segment;
 pub mod sidecar;
 pub mod store;
+pub mod summary;
 pub mod tail;
 pub mod verify;
 

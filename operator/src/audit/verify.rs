@@ -290,8 +290,14 @@ fn check_segment(cp: &Checkpoint, bytes: &[u8], expect: &mut Expect) -> Result<(
     let lines = lines(bytes);
     for (i, line) in lines.iter().enumerate() {
         let seq = cp.first_seq + i as u64;
-        let record: Record = serde_json::from_slice(line)
-            .map_err(|e| (seq, format!("the line is not an audit record ({e}): altered")))?;
+        // serde's message may quote the line's values: only its kind and
+        // column are said (a record's content can be PHI).
+        let record: Record = serde_json::from_slice(line).map_err(|e| {
+            (
+                seq,
+                format!("the line is not an audit record ({:?} error at column {}): altered", e.classify(), e.column()),
+            )
+        })?;
         if record.seq != seq {
             let how = if record.seq > seq {
                 format!("record seq {seq} is missing (found seq {} in its place)", record.seq)
@@ -314,7 +320,7 @@ fn check_segment(cp: &Checkpoint, bytes: &[u8], expect: &mut Expect) -> Result<(
         if serde_json::to_vec(&record).ok().as_deref() != Some(*line) {
             return Err((seq, "the record is not in canonical form: altered".into()));
         }
-        let time = parse_time(&record.time).ok_or((seq, format!("time {:?} is not RFC 3339", record.time)))?;
+        let time = parse_time(&record.time).ok_or((seq, "its time is not RFC 3339: altered".to_owned()))?;
         if let Some(last) = expect.last_time
             && time + slack < last
         {

@@ -289,7 +289,7 @@ async fn job_views(policy: &BackupPolicy, ctx: &Context) -> Result<Vec<JobView>,
 }
 
 /// `(succeeded, when, the Job's own message)` of a finished Job.
-fn finished(job: &Job) -> Option<(bool, Option<Timestamp>, String)> {
+pub(crate) fn finished(job: &Job) -> Option<(bool, Option<Timestamp>, String)> {
     let status = job.status.as_ref()?;
     let condition = status
         .conditions

@@ -8,12 +8,16 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams, PropagationPolicy};
 use kube::{Api, Client};
+use tracing::{info, warn};
 
 use super::audit::{Audit, signing_key_secret};
+use super::audit_job::{self, JobResult, VerifyJobInputs};
 use crate::audit::{PUBLIC_KEY_ENTRY, SIGNING_KEY_ENTRY};
 use crate::storage::DestinationArgs;
 
@@ -82,8 +86,11 @@ pub async fn signing_key(client: &Client, namespace: &str, endpoint: &str) -> Re
 /// What the last verification found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verification {
-    /// The operator cannot read the destination (a PersistentVolumeClaim).
+    /// The operator cannot read the destination (a PersistentVolumeClaim)
+    /// from where it runs (`audit verify --endpoint`).
     NotVerifiable(String),
+    /// The period's verification Job has not finished (PersistentVolumeClaim).
+    Pending(String),
     /// The destination could not be read (the message names it).
     Unreadable(String),
     Verified {
@@ -107,11 +114,26 @@ pub struct Checked {
 #[derive(Default)]
 pub struct AuditChecks {
     last: Mutex<HashMap<String, Checked>>,
+    /// PersistentVolumeClaims: the result of the newest finished Job, by
+    /// endpoint, with the Job's name.
+    by_job: Mutex<HashMap<String, (String, Checked)>>,
+}
+
+/// How often a running verification Job is looked at.
+const JOB_POLL: Duration = Duration::from_secs(5);
+
+/// What a verification Job of the endpoint is made from.
+#[derive(Debug, Clone)]
+pub struct JobSource<'a> {
+    pub owner: &'a OwnerReference,
+    /// The operator's own image.
+    pub image: &'a str,
 }
 
 impl AuditChecks {
     /// The newest verification of the endpoint's trail, made now when the
     /// previous one is older than `sealEvery`, and when it is next due.
+    #[allow(clippy::too_many_arguments)]
     pub async fn check(
         &self,
         client: &Client,
@@ -119,9 +141,13 @@ impl AuditChecks {
         endpoint: &str,
         audit: &Audit,
         key: &PublicKey,
+        source: &JobSource<'_>,
         now: Timestamp,
     ) -> (Checked, Timestamp) {
         let id = format!("{namespace}/{endpoint}");
+        if audit.destination.persistent_volume_claim.is_some() {
+            return self.check_by_job(client, namespace, endpoint, audit, key, source, now).await;
+        }
         let previous = self.last.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
         if let Some(previous) = previous
             && previous.at + audit.seal_every > now
@@ -138,8 +164,132 @@ impl AuditChecks {
     }
 }
 
+impl AuditChecks {
+    /// A trail on a PersistentVolumeClaim: the period's verification Job,
+    /// created if missing, and its result once it finished. Only a result
+    /// of the current period's Job counts; until it is in, `Pending`.
+    #[allow(clippy::too_many_arguments)]
+    async fn check_by_job(
+        &self,
+        client: &Client,
+        namespace: &str,
+        endpoint: &str,
+        audit: &Audit,
+        key: &PublicKey,
+        source: &JobSource<'_>,
+        now: Timestamp,
+    ) -> (Checked, Timestamp) {
+        let id = format!("{namespace}/{endpoint}");
+        let period = audit_job::period_start(now, audit.seal_every);
+        let next_period = period + audit.seal_every;
+        let built = audit_job::build(&VerifyJobInputs {
+            endpoint,
+            namespace,
+            owner: source.owner.clone(),
+            audit,
+            public_key_base64: &key.base64,
+            image: source.image,
+            period,
+        });
+        let name = built.metadata.name.clone().unwrap_or_default();
+        let known = self.by_job.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
+        if let Some((job, checked)) = known
+            && job == name
+        {
+            return (checked, next_period);
+        }
+        let soon = (now + JOB_POLL).min(next_period);
+        let at_now = |verification| Checked { at: now, verification };
+        let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+        let found = match jobs.get_opt(&name).await {
+            Ok(Some(job)) => job,
+            Ok(None) => match jobs.create(&PostParams::default(), &built).await {
+                Ok(job) => {
+                    info!(namespace, endpoint, job = %name, "audit verification Job created");
+                    delete_superseded(&jobs, endpoint, &name).await;
+                    job
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    return (at_now(Verification::Pending(format!("verification Job {name} was just created"))), soon);
+                }
+                Err(e) => {
+                    let why = format!("creating the verification Job {name}: {e}");
+                    return (at_now(Verification::Unreadable(why)), now + JOB_POLL * 2);
+                }
+            },
+            Err(e) => {
+                let why = format!("reading the verification Job {name}: {e}");
+                return (at_now(Verification::Unreadable(why)), now + JOB_POLL * 2);
+            }
+        };
+        if !audit_job::is_built(&found, &built) {
+            if !audit_job::same_owner(&found, &built) {
+                let why = format!("Job {name} is not the endpoint's verification Job: its result is not evidence");
+                return (at_now(Verification::Unreadable(why)), next_period);
+            }
+            // The endpoint's, from another image or key (the operator was
+            // upgraded within the period): replaced, not believed.
+            let params = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
+            if let Err(e) = jobs.delete(&name, &params).await {
+                warn!(endpoint, job = %name, error = %e, "deleting an outdated audit verification Job");
+            }
+            let why = format!("verification Job {name} was built otherwise (another image or key): replacing it");
+            return (at_now(Verification::Pending(why)), soon);
+        }
+        let pods = if crate::backup::controller::finished(&found).is_some() {
+            let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+            match pods.list(&ListParams::default().labels(&format!("job-name={name}"))).await {
+                Ok(list) => list.items,
+                Err(e) => {
+                    let why = format!("reading the pods of verification Job {name}: {e}");
+                    return (at_now(Verification::Unreadable(why)), now + JOB_POLL * 2);
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        match audit_job::result_of(&found, &pods, now) {
+            JobResult::Running => {
+                let last = match self.by_job.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+                    Some((job, checked)) => format!("the last finished verification, Job {job}, ended {}", checked.at),
+                    None => "no verification has finished yet".to_owned(),
+                };
+                (at_now(Verification::Pending(format!("verification Job {name} runs; {last}"))), soon)
+            }
+            JobResult::Finished { at, verification } => {
+                let checked = Checked { at, verification };
+                self.by_job.lock().unwrap_or_else(|e| e.into_inner()).insert(id, (name, checked.clone()));
+                (checked, next_period)
+            }
+        }
+    }
+}
+
+/// Deletes the endpoint's verification Jobs of earlier periods (a running
+/// one is superseded); `ttlSecondsAfterFinished` is the backstop.
+async fn delete_superseded(jobs: &Api<Job>, endpoint: &str, current: &str) {
+    let selector = format!("{}={endpoint}", audit_job::VERIFY_LABEL);
+    let list = match jobs.list(&ListParams::default().labels(&selector)).await {
+        Ok(list) => list,
+        Err(e) => return warn!(endpoint, error = %e, "listing earlier audit verification Jobs"),
+    };
+    let params = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
+    for job in list.items {
+        let Some(name) = job.metadata.name else { continue };
+        if name == current {
+            continue;
+        }
+        match jobs.delete(&name, &params).await {
+            Ok(_) => info!(endpoint, job = %name, "superseded audit verification Job deleted"),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => warn!(endpoint, job = %name, error = %e, "deleting a superseded audit verification Job"),
+        }
+    }
+}
+
 /// Opens the endpoint's trail at its S3 destination, with the credentials
-/// of its Secret. A PersistentVolumeClaim cannot be read from here.
+/// of its Secret. A PersistentVolumeClaim cannot be read from here (the
+/// operator verifies one with a Job, [`audit_job`]).
 pub async fn open_destination(
     client: &Client,
     namespace: &str,
@@ -147,7 +297,8 @@ pub async fn open_destination(
 ) -> Result<crate::audit::store::AuditStore, Verification> {
     let Some(s3) = &audit.destination.s3 else {
         return Err(Verification::NotVerifiable(
-            "the operator cannot read a PersistentVolumeClaim: run `fhir-operator audit verify --dir` where it is mounted"
+            "a PersistentVolumeClaim cannot be read from here: run `fhir-operator audit verify --dir` where it is mounted \
+             (the operator verifies it with a Job every sealEvery)"
                 .into(),
         ));
     };

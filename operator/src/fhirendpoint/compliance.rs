@@ -187,9 +187,12 @@ fn audit_log(ns: &str, facts: &Facts) -> ComplianceEntry {
     let mut evidence = vec![
         format!("destination {}", audit.destination),
         format!("Secret/{ns}/{} (Ed25519 key {})", audit.key_secret, audit.key_id),
-        format!("verified at {}", audit.verified_at),
     ];
+    if !matches!(audit.verification, Verification::Pending(_)) {
+        evidence.push(format!("verified at {}", audit.verified_at));
+    }
     match &audit.verification {
+        Verification::Pending(why) => entry(name, Unknown, "VerificationPending", why.clone(), evidence),
         Verification::NotVerifiable(why) => entry(name, Unknown, "NotVerifiableByOperator", why.clone(), evidence),
         Verification::Unreadable(why) => entry(name, Fail, "DestinationUnreadable", why.clone(), evidence),
         Verification::Verified { problem: Some(problem), .. } => {
@@ -563,6 +566,59 @@ mod tests {
                 .contains(&"Deployment/clinical/patients:env SPRING_DATASOURCE_URL sslmode=verify-full".into())
         );
         assert!(entry.evidence.contains(&"Secret/clinical/patients-db-ca:ca.crt".into()));
+    }
+
+    /// The auditLog entry for a verification made at `verified_at` with
+    /// `sealEvery` 20 s.
+    fn audit_entry(verification: super::super::audit_check::Verification) -> ComplianceEntry {
+        let verified_at = Timestamp::UNIX_EPOCH + SignedDuration::from_hours(24);
+        let facts = Facts {
+            access: None,
+            audit: Some(AuditFact {
+                destination: "PersistentVolumeClaim/patients-audit".into(),
+                key_secret: "patients-audit-key".into(),
+                key_id: "af4c990c664db21f".into(),
+                seal_every: std::time::Duration::from_secs(20),
+                verified_at,
+                verification,
+            }),
+            now: verified_at,
+            tls: TlsFact::Unusable { secret: "patients-tls".into(), reason: String::new() },
+            network_policy: None,
+            gateway_config: "patients-gateway".into(),
+            key_schedules: Vec::new(),
+            backup: BackupFact::NoPolicy,
+            database_credentials: None,
+            deployment: "patients".into(),
+            database: None,
+            database_ca: None,
+        };
+        audit_log("clinical", &facts)
+    }
+
+    #[test]
+    fn audit_log_passes_only_on_a_fresh_successful_verification() {
+        use super::super::audit_check::Verification;
+        let at = Timestamp::UNIX_EPOCH + SignedDuration::from_hours(24);
+        let verified = |age: i64, problem: Option<&str>| Verification::Verified {
+            last_seal: Some(at - SignedDuration::from_secs(age)),
+            records: 30,
+            streams: 2,
+            problem: problem.map(Into::into),
+        };
+        let entry = audit_entry(verified(39, None));
+        assert_eq!((entry.status, entry.reason.as_str()), (Pass, "AuditTrailVerified"));
+        assert!(entry.evidence.contains(&"30 records in 2 streams".into()), "{entry:?}");
+        let entry = audit_entry(verified(41, None));
+        assert_eq!((entry.status, entry.reason.as_str()), (Fail, "CheckpointStale"));
+        let entry = audit_entry(verified(1, Some("stream s: checkpoint 1, segment x, record seq 2: altered")));
+        assert_eq!((entry.status, entry.reason.as_str()), (Fail, "AuditTrailBroken"));
+        assert!(entry.message.contains("record seq 2"));
+        let entry = audit_entry(Verification::Pending("verification Job patients-audit-1 runs".into()));
+        assert_eq!((entry.status, entry.reason.as_str()), (Unknown, "VerificationPending"));
+        assert!(entry.evidence.iter().all(|e| !e.starts_with("verified at")), "nothing verified yet: {entry:?}");
+        let entry = audit_entry(Verification::Unreadable("verification Job x failed: DeadlineExceeded".into()));
+        assert_eq!((entry.status, entry.reason.as_str()), (Fail, "DestinationUnreadable"));
     }
 
     #[test]

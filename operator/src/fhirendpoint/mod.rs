@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod audit_check;
+pub mod audit_job;
 pub mod auth;
 pub mod build;
 pub mod compliance;

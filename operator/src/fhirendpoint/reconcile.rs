@@ -241,8 +241,9 @@ async fn run(ep: &FhirEndpoint, ctx: &Context) -> Result<Action, Error> {
     let (backup, backup_recheck) = backup_fact(&v, &ctx.caches.backups, now);
     let (audit_fact, audit_status, audit_recheck) = match (&v.audit, &audit_key) {
         (Some(audit), Some(key)) => {
+            let source = audit_check::JobSource { owner: &owner_ref(ep), image: &ctx.images.metrics };
             let (checked, next) =
-                ctx.audit_checks.check(ctx.applier.client(), &v.namespace, &v.name, audit, key, now).await;
+                ctx.audit_checks.check(ctx.applier.client(), &v.namespace, &v.name, audit, key, &source, now).await;
             let status = audit_status(audit, key, &checked);
             let fact = compliance::AuditFact {
                 destination: audit.describe(),
@@ -339,6 +340,8 @@ fn audit_status(
         ..Default::default()
     };
     match &checked.verification {
+        // Nothing verified yet: no time, no counts.
+        Verification::Pending(_) => status.verified_at = None,
         Verification::NotVerifiable(why) | Verification::Unreadable(why) => status.problem = why.clone(),
         Verification::Verified { last_seal, records, problem, .. } => {
             status.last_checkpoint = last_seal.map(|t| t.to_string());
