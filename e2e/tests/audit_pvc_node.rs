@@ -261,6 +261,30 @@ async fn the_operator_verifies_a_claim_with_a_job_on_the_node_and_catches_tamper
     let said = String::from_utf8_lossy(&verify.stdout).into_owned() + &String::from_utf8_lossy(&verify.stderr);
     assert!(verify.status.success() && said.contains(&format!("{RECORDS} records")), "{said}");
 
+    // -- Across the next period's Job, the entry stays Pass: the last
+    // verification holds while the next one runs (no drop to Unknown at
+    // every period's start).
+    let jobs_before: Vec<String> = listed.items.iter().filter_map(|j| j.metadata.name.clone()).collect();
+    let watched = Instant::now();
+    let mut new_job = false;
+    while watched.elapsed() < Duration::from_secs(30) {
+        let ep = endpoints.get("patients").await.expect("endpoint");
+        let entry = ep.status.as_ref().and_then(|s| {
+            s.compliance.iter().find(|c| c.name == fhir_operator::api::ComplianceCheck::AuditLog).cloned()
+        });
+        assert!(
+            entry.as_ref().is_some_and(|e| e.status == ComplianceStatus::Pass),
+            "auditLog left Pass {:?} after it passed: {entry:?}",
+            watched.elapsed()
+        );
+        let now_listed = jobs.list(&ListParams::default().labels(&format!("{VERIFY_LABEL}=patients"))).await;
+        new_job |= now_listed
+            .map(|l| l.items.iter().any(|j| j.metadata.name.as_ref().is_some_and(|n| !jobs_before.contains(n))))
+            .unwrap_or(false);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(new_job, "a new period's verification Job ran meanwhile");
+
     // -- One byte of a sealed record changed on the volume: Fail, naming
     // the segment and the record.
     let segments_dir = trail.join(WRITER_STREAM).join("segments");

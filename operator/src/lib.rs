@@ -12,6 +12,7 @@ pub mod fhirendpoint;
 pub mod gateway_auth;
 pub mod gateway_metrics;
 pub mod health;
+pub mod jobs;
 pub mod keyrotation;
 pub mod leader;
 pub mod meta;

@@ -38,8 +38,7 @@ use crate::keyrotation::schedule::parse_duration;
 const SCRYPT_WORK_FACTOR: u8 = 10;
 /// The highest work factor accepted when decrypting.
 const SCRYPT_MAX_WORK_FACTOR: u8 = 20;
-/// Where Kubernetes reads a container's termination message.
-pub const TERMINATION_LOG: &str = "/dev/termination-log";
+pub use crate::jobs::TERMINATION_LOG;
 
 #[derive(clap::Args, Debug)]
 pub struct AgentArgs {

@@ -33,6 +33,7 @@ use crate::apply::{NoSharedBackoff, api, apply_status, drive, publish_event, wat
 use crate::conditions::{self, Clock, Desired};
 use crate::fhirendpoint::validate::InvalidSpec;
 use crate::health::Watches;
+use crate::jobs::finished;
 use crate::keyrotation::schedule;
 use crate::keyrotation::secret::secret_name;
 use crate::meta::owner_ref;
@@ -288,24 +289,6 @@ async fn job_views(policy: &BackupPolicy, ctx: &Context) -> Result<Vec<JobView>,
     Ok(views)
 }
 
-/// `(succeeded, when, the Job's own message)` of a finished Job.
-pub(crate) fn finished(job: &Job) -> Option<(bool, Option<Timestamp>, String)> {
-    let status = job.status.as_ref()?;
-    let condition = status
-        .conditions
-        .iter()
-        .flatten()
-        .find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")?;
-    let at =
-        status.completion_time.as_ref().map(|t| t.0).or_else(|| condition.last_transition_time.as_ref().map(|t| t.0));
-    let message = [condition.reason.as_deref(), condition.message.as_deref()]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>()
-        .join(": ");
-    Some((condition.type_ == "Complete", at, message))
-}
-
 /// The result of a finished Job from its pods: the report in the agent's
 /// termination message, or what the failed container said.
 pub fn result_of(kind: RunKind, succeeded: bool, at: Option<Timestamp>, job_message: String, pods: &[Pod]) -> JobState {
@@ -410,30 +393,11 @@ fn export_metrics(
     if let Some(restore) = &status.last_verified_restore {
         ctx.metrics.restore_last_verified.get_or_create(&labels).set(seconds(restore.time.0));
     }
-    let (backup_max, drill_max) = freshness(settings, now);
+    let (backup_max, drill_max) = plan::freshness(settings, now);
     ctx.metrics.backup_max_age.get_or_create(&labels).set(backup_max.as_secs_f64());
     if let Some(drill_max) = drill_max {
         ctx.metrics.restore_max_age.get_or_create(&labels).set(drill_max.as_secs_f64());
     }
-}
-
-/// Slack on top of an interval before a run counts as late: a run takes
-/// time after its slot.
-pub const LATE_AFTER: k8s_openapi::jiff::SignedDuration = k8s_openapi::jiff::SignedDuration::from_secs(30 * 60);
-
-/// How old the last successful backup may be (twice the schedule's
-/// interval) and the last verified restore (the drill's interval, plus
-/// slack) before the `backup` compliance entry fails.
-pub fn freshness(
-    settings: &Settings,
-    now: Timestamp,
-) -> (k8s_openapi::jiff::SignedDuration, Option<k8s_openapi::jiff::SignedDuration>) {
-    let backup = settings.backup.typical_interval(now).checked_mul(2).unwrap_or(k8s_openapi::jiff::SignedDuration::MAX);
-    let drill = settings
-        .drill
-        .as_ref()
-        .map(|d| d.typical_interval(now).checked_add(LATE_AFTER).unwrap_or(k8s_openapi::jiff::SignedDuration::MAX));
-    (backup, drill)
 }
 
 /// A policy that cannot run: Ready=False naming the field; nothing is

@@ -13,8 +13,6 @@
 //! and counts rows; container `verify` (agent) compares the counts with the
 //! manifest's.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, PersistentVolumeClaimVolumeSource, PodSecurityContext,
@@ -30,7 +28,6 @@ use crate::api::BackupPolicy;
 use crate::fhirendpoint::database::{CA_DIR, CA_VOLUME};
 use crate::fhirendpoint::pod::{ca_volume, env, secret_env};
 use crate::fhirendpoint::validate::Database;
-use crate::meta::{MANAGED_BY, MANAGED_BY_LABEL};
 
 /// Label naming the policy on its Jobs.
 pub const POLICY_LABEL: &str = "fhiroperator.io/backup-policy";
@@ -129,14 +126,8 @@ pub struct JobInputs<'a> {
 /// The Job for `job`.
 pub fn build(job: &NewJob, inputs: &JobInputs<'_>) -> Job {
     let policy_name = inputs.policy.metadata.name.clone().unwrap_or_default();
-    let labels: BTreeMap<String, String> = [
-        (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
-        ("app.kubernetes.io/part-of".to_owned(), "fhir-operator".to_owned()),
-        ("app.kubernetes.io/component".to_owned(), job.kind.label().to_owned()),
-        (POLICY_LABEL.to_owned(), policy_name.clone()),
-        (RUN_LABEL.to_owned(), job.kind.label().to_owned()),
-    ]
-    .into();
+    let mut labels = crate::jobs::labels(job.kind.label(), (POLICY_LABEL, &policy_name));
+    labels.insert(RUN_LABEL.to_owned(), job.kind.label().to_owned());
     let (init_containers, containers) = match job.kind {
         RunKind::Backup => backup_containers(job, inputs, &policy_name),
         RunKind::Drill => drill_containers(inputs, &policy_name),

@@ -499,5 +499,19 @@ pub fn prune(backups: &[Stored], keep_last: usize, max_age: Option<SignedDuratio
         .collect()
 }
 
+/// Slack on top of an interval before a run counts as late: a run takes
+/// time after its slot.
+pub const LATE_AFTER: SignedDuration = SignedDuration::from_secs(30 * 60);
+
+/// How old the last successful backup may be (twice the schedule's
+/// interval) and the last verified restore (the drill's interval, plus
+/// slack) before the `backup` compliance entry fails.
+pub fn freshness(settings: &Settings, now: Timestamp) -> (SignedDuration, Option<SignedDuration>) {
+    let backup = settings.backup.typical_interval(now).checked_mul(2).unwrap_or(SignedDuration::MAX);
+    let drill =
+        settings.drill.as_ref().map(|d| d.typical_interval(now).checked_add(LATE_AFTER).unwrap_or(SignedDuration::MAX));
+    (backup, drill)
+}
+
 #[cfg(test)]
 mod tests;

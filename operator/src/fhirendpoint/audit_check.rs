@@ -236,7 +236,7 @@ impl AuditChecks {
             let why = format!("verification Job {name} was built otherwise (another image or key): replacing it");
             return (at_now(Verification::Pending(why)), soon);
         }
-        let pods = if crate::backup::controller::finished(&found).is_some() {
+        let pods = if crate::jobs::finished(&found).is_some() {
             let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
             match pods.list(&ListParams::default().labels(&format!("job-name={name}"))).await {
                 Ok(list) => list.items,
@@ -250,11 +250,21 @@ impl AuditChecks {
         };
         match audit_job::result_of(&found, &pods, now) {
             JobResult::Running => {
-                let last = match self.by_job.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
-                    Some((job, checked)) => format!("the last finished verification, Job {job}, ended {}", checked.at),
-                    None => "no verification has finished yet".to_owned(),
-                };
-                (at_now(Verification::Pending(format!("verification Job {name} runs; {last}"))), soon)
+                let previous = self.by_job.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
+                match previous {
+                    // The last finished verification stays in force while
+                    // the next one runs, for two periods at most: the entry
+                    // does not drop to Unknown at every period's start.
+                    Some((_, checked)) if checked.at + audit.seal_every + audit.seal_every > now => (checked, soon),
+                    Some((job, checked)) => {
+                        let last = format!("the last finished verification, Job {job}, ended {}", checked.at);
+                        (at_now(Verification::Pending(format!("verification Job {name} runs; {last}"))), soon)
+                    }
+                    None => {
+                        let last = "no verification has finished yet";
+                        (at_now(Verification::Pending(format!("verification Job {name} runs; {last}"))), soon)
+                    }
+                }
             }
             JobResult::Finished { at, verification } => {
                 let checked = Checked { at, verification };

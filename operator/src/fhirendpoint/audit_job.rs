@@ -30,7 +30,6 @@ use super::audit_check::Verification;
 use super::build::selector_labels;
 use super::pod::{RUN_AS, restricted_container};
 use crate::audit::summary::{Outcome, Summary};
-use crate::meta::{MANAGED_BY, MANAGED_BY_LABEL};
 
 /// Label naming the endpoint on its verification Jobs.
 pub const VERIFY_LABEL: &str = "fhiroperator.io/audit-verify";
@@ -39,7 +38,7 @@ pub const PERIOD_ANNOTATION: &str = "fhiroperator.io/audit-period";
 pub const VERIFY_CONTAINER: &str = "verify";
 /// Where the claim is mounted, read-only.
 pub const MOUNT: &str = "/audit";
-pub use crate::backup::agent::TERMINATION_LOG;
+pub use crate::jobs::TERMINATION_LOG;
 /// Kubernetes names that are label values (a Job's `job-name`) stay within 63.
 const NAME_LIMIT: usize = 63;
 
@@ -80,13 +79,7 @@ pub fn job_name(endpoint: &str, period: Timestamp) -> String {
 }
 
 fn labels(endpoint: &str) -> BTreeMap<String, String> {
-    [
-        (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
-        ("app.kubernetes.io/part-of".to_owned(), "fhir-operator".to_owned()),
-        ("app.kubernetes.io/component".to_owned(), "audit-verify".to_owned()),
-        (VERIFY_LABEL.to_owned(), endpoint.to_owned()),
-    ]
-    .into()
+    crate::jobs::labels("audit-verify", (VERIFY_LABEL, endpoint))
 }
 
 /// The verification container's arguments.
@@ -245,7 +238,7 @@ pub enum JobResult {
 /// only when the Job completed, its own pod's container exited 0, and its
 /// summary parses and says verified.
 pub fn result_of(job: &Job, pods: &[Pod], now: Timestamp) -> JobResult {
-    let Some((succeeded, mut at, job_said)) = crate::backup::controller::finished(job) else {
+    let Some((succeeded, mut at, job_said)) = crate::jobs::finished(job) else {
         return JobResult::Running;
     };
     let state = if succeeded { "completed" } else { "failed" };

@@ -554,7 +554,7 @@ fn backup_fact(v: &Validated<'_>, backups: &Store<BackupPolicy>, now: Timestamp)
         };
         return (fact, None);
     };
-    let (backup_max, drill_max) = crate::backup::controller::freshness(&settings, now);
+    let (backup_max, drill_max) = crate::backup::plan::freshness(&settings, now);
     let last_success = status.last_successful_backup.as_ref().map(|b| b.completion_time.as_ref().unwrap_or(&b.time).0);
     let last_finished = status.history.iter().find(|r| r.outcome != BackupOutcome::Running);
     let current = match last_success {
