@@ -32,8 +32,9 @@ pub const RECHECK: Duration = Duration::from_secs(60);
 /// Longest a JWKS fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// A hint fetches an issuer's keys again at most this often (whatever
-/// sends hints: the endpoint is unauthenticated inside the cluster).
-pub const MIN_HINT_INTERVAL: Duration = Duration::from_secs(10);
+/// sends hints: the endpoint is unauthenticated inside the cluster): the
+/// interval the verifiers keep between their hints.
+pub const MIN_HINT_INTERVAL: Duration = crate::gateway_auth::HINT_INTERVAL;
 
 #[derive(Debug, Clone)]
 struct Fetched {
