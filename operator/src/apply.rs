@@ -34,7 +34,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::health::ControllerWatches;
+use crate::health::WatchProbes;
 use crate::meta::{APPLIED_HASH_ANNOTATION, MANAGED_SELECTOR, hash_of};
 
 /// Objects per page when a watch (re)lists. A page is deserialized whole,
@@ -120,11 +120,12 @@ impl ChildKind for Deployment {
 /// stream (e.g. hand it to `Controller::owns_stream`) or the cache stays empty.
 pub fn watch_children<K: ChildKind>(
     api: Api<K>,
-    watches: &ControllerWatches,
+    probes: WatchProbes,
+    server_timeout: u32,
 ) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + 'static) {
     let (reader, writer) = reflector::store();
     let config = watcher::Config::default().labels(MANAGED_SELECTOR);
-    let stream = resilient_watcher(api, config, watches)
+    let stream = resilient_watcher(api, config, probes, server_timeout)
         .modify(|obj: &mut K| {
             obj.meta_mut().managed_fields = None;
             obj.slim();
@@ -138,13 +139,14 @@ pub fn watch_children<K: ChildKind>(
 /// cache and the stream that fills it and triggers reconciles.
 pub fn watch_related<K>(
     api: Api<K>,
-    watches: &ControllerWatches,
+    probes: WatchProbes,
+    server_timeout: u32,
 ) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + 'static)
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = resilient_watcher(api, watcher::Config::default(), watches)
+    let stream = resilient_watcher(api, watcher::Config::default(), probes, server_timeout)
         .modify(|obj: &mut K| obj.meta_mut().managed_fields = None)
         .reflect(writer)
         .touched_objects();
@@ -157,34 +159,34 @@ where
 /// fresh list, after a backoff. The list replaces the cache, and every
 /// object it holds triggers a reconcile of its owner: whatever changed
 /// while the watch was blind is noticed. The server ends each watch
-/// request after [`ControllerWatches::server_timeout`] seconds, and every
-/// event, list and error is reported to the watch's probe (`/healthz`,
-/// `/readyz`, the watch metrics).
+/// request after `server_timeout` seconds, and every event, list and
+/// error is reported to the watch's probes (`/healthz`, `/readyz`, the
+/// watch metrics).
 fn resilient_watcher<K>(
     api: Api<K>,
     config: watcher::Config,
-    watches: &ControllerWatches,
+    probes: WatchProbes,
+    server_timeout: u32,
 ) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     use futures::StreamExt;
     use futures::stream::BoxStream;
-    let probe = watches.probe(&api);
-    let config = config.page_size(LIST_PAGE_SIZE).timeout(watches.server_timeout());
+    let config = config.page_size(LIST_PAGE_SIZE).timeout(server_timeout);
     let start = move |api: &Api<K>, config: &watcher::Config| watcher(api.clone(), config.clone()).boxed();
     let first: Option<BoxStream<'static, _>> = None;
-    futures::stream::unfold((first, api, config, probe), move |(inner, api, config, probe)| async move {
+    futures::stream::unfold((first, api, config, probes), move |(inner, api, config, probes)| async move {
         let mut inner = inner.unwrap_or_else(|| start(&api, &config));
         loop {
             match inner.next().await {
                 Some(item) => {
-                    probe.observe(&item);
+                    probes.observe(&item);
                     if let Err(e) = &item {
                         tracing::debug!(error = %e, kind = %K::kind(&()), "watch failed; starting over with a list");
                     }
                     let keep = item.is_ok().then_some(inner);
-                    return Some((item, (keep, api, config, probe)));
+                    return Some((item, (keep, api, config, probes)));
                 }
                 // kube's watcher does not end; should it, start anew.
                 None => inner = start(&api, &config),

@@ -292,6 +292,47 @@ impl WatchProbe {
     }
 }
 
+/// The probes of every controller that reads one shared watch
+/// ([`crate::caches`]): each controller keeps its own probe (its `/healthz`
+/// line and watch metrics), all fed by the one watch. A probe added after
+/// the watch began its first list catches up on what it missed.
+#[derive(Clone, Default)]
+pub struct WatchProbes(Arc<Mutex<ProbeSet>>);
+
+#[derive(Default)]
+struct ProbeSet {
+    probes: Vec<WatchProbe>,
+    listed: bool,
+    synced: bool,
+}
+
+impl WatchProbes {
+    pub fn add(&self, probe: WatchProbe) {
+        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if set.listed {
+            probe.watches.sign(probe.index, Sign::ListStarted);
+        }
+        if set.synced {
+            probe.watches.sign(probe.index, Sign::ListDone);
+        }
+        set.probes.push(probe);
+    }
+
+    /// Follows one item of the watch's stream, for every probe.
+    pub fn observe<K>(&self, item: &Result<watcher::Event<K>, watcher::Error>) {
+        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match item {
+            Ok(watcher::Event::Init) => (set.listed, set.synced) = (true, false),
+            Ok(watcher::Event::InitDone) => set.synced = true,
+            Err(_) => set.synced = false,
+            Ok(_) => {}
+        }
+        for probe in &set.probes {
+            probe.observe(item);
+        }
+    }
+}
+
 /// A tower layer for the operator's client: each successful answer to a
 /// watch request is a sign of life of the watches of that resource.
 #[derive(Clone)]

@@ -5,6 +5,7 @@ pub mod api;
 pub mod apply;
 pub mod audit;
 pub mod backup;
+pub mod caches;
 pub mod chart;
 pub mod conditions;
 pub mod discovery;

@@ -17,7 +17,8 @@ use tracing::{instrument, warn};
 use crate::api::{
     FhirEndpoint, ObjectRef as StatusRef, RateLimitTier, RateLimitTierSpec, RateLimitTierStatus, condition, reason,
 };
-use crate::apply::{NoSharedBackoff, apply_status, watch_related};
+use crate::apply::{NoSharedBackoff, apply_status};
+use crate::caches::Caches;
 use crate::conditions::{self, Clock, Desired};
 use crate::fhirendpoint::build::{limits_from_tier, quantity_bytes};
 use crate::fhirendpoint::gateway::{self, GatewayError, Limits};
@@ -147,44 +148,42 @@ fn error_policy(tier: Arc<RateLimitTier>, error: &Error, ctx: Arc<Context>) -> A
     Action::requeue(Duration::from_secs(10))
 }
 
-/// Runs the tier controller until `shutdown` completes. `scopes` are the
-/// watched namespaces (`None`: all).
-pub async fn run(
+/// Sets up the tier controller, subscribing to `caches`; the future runs it
+/// until `shutdown` completes. `scopes` are the watched namespaces (`None`:
+/// all).
+pub fn run(
     client: Client,
     scopes: Vec<Option<String>>,
     clock: Arc<dyn Clock>,
     metrics: SharedMetrics,
     watches: Watches,
+    caches: &Caches,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
     let (tiers, tier_stream) =
-        watch_related(Api::<RateLimitTier>::all(client.clone()), &watches.controller(CONTROLLER, None));
-    let mut controller = Controller::for_stream(tier_stream, tiers.clone()).trigger_backoff(NoSharedBackoff);
+        caches.related(Api::<RateLimitTier>::all(client.clone()), &watches.controller(CONTROLLER, None));
+    let mut controller = Controller::for_shared_stream(tier_stream, tiers.clone()).trigger_backoff(NoSharedBackoff);
     let mut endpoints = Vec::new();
     for scope in &scopes {
         let api: Api<FhirEndpoint> = match scope {
             Some(ns) => Api::namespaced(client.clone(), ns),
             None => Api::all(client.clone()),
         };
-        let (store, stream) = watch_related(api, &watches.controller(CONTROLLER, scope.as_deref()));
+        let (store, stream) = caches.related(api, &watches.controller(CONTROLLER, scope.as_deref()));
         endpoints.push(store);
         let tiers = tiers.clone();
         // Tiers are few: an endpoint event re-checks every tier, so the one
         // an endpoint just left is updated too.
-        controller = controller.watches_stream(stream, move |_: FhirEndpoint| {
+        controller = controller.watches_shared_stream(stream, move |_: Arc<FhirEndpoint>| {
             tiers.state().iter().map(|t| ObjectRef::from_obj(t.as_ref())).collect::<Vec<_>>()
         });
     }
     let context = Arc::new(Context { client, endpoints, clock, metrics });
-    controller
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, context)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                warn!(error = %e, "tier controller event");
-            }
-        })
-        .await;
+    controller.graceful_shutdown_on(shutdown).run(reconcile, error_policy, context).for_each(|result| async move {
+        if let Err(e) = result {
+            warn!(error = %e, "tier controller event");
+        }
+    })
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use tracing::info;
 
 use crate::apply::Applier;
 use crate::backup::job::JobImages;
+use crate::caches::Caches;
 use crate::conditions::FastClock;
 use crate::conditions::SystemClock;
 use crate::discovery;
@@ -325,10 +326,14 @@ async fn controllers(
             }
         }
     };
+    // Every controller subscribes to the shared watches while it is set
+    // up; the watches start once all have.
+    let caches = Caches::default();
     let mut running: Vec<future::BoxFuture<'static, ()>> = Vec::new();
     for scope in scopes.clone() {
         running.push(
-            controller::run_scope(shared.clone(), settings.clone(), scope.clone(), shutdown.clone(), ready()).boxed(),
+            controller::run_scope(shared.clone(), settings.clone(), scope.clone(), &caches, shutdown.clone(), ready())
+                .boxed(),
         );
         running.push(
             crate::backup::controller::run_scope(
@@ -339,6 +344,7 @@ async fn controllers(
                 settings.backup_images.clone(),
                 scope.clone(),
                 settings.instance.clone(),
+                &caches,
                 shutdown.clone(),
                 ready(),
             )
@@ -352,6 +358,7 @@ async fn controllers(
                 shared.watches.clone(),
                 scope,
                 settings.instance.clone(),
+                &caches,
                 shutdown.clone(),
                 ready(),
             )
@@ -364,8 +371,10 @@ async fn controllers(
         shared.clock.clone(),
         shared.metrics.clone(),
         shared.watches.clone(),
+        &caches,
         shutdown.clone(),
     );
+    let _watching = caches.start();
     let refresh = controller::refresh_capabilities(
         shared.client.clone(),
         shared.capabilities.clone(),

@@ -29,7 +29,8 @@ use super::plan::{self, JobState, JobView, Observed, RunKind, Settings, Step};
 use crate::api::{
     BackupOutcome, BackupPolicy, BackupPolicyStatus, FhirEndpoint, KeyAlgorithm, KeyRotationSchedule, condition, reason,
 };
-use crate::apply::{NoSharedBackoff, api, apply_status, drive, publish_event, watch_children, watch_related};
+use crate::apply::{NoSharedBackoff, api, apply_status, drive, publish_event};
+use crate::caches::Caches;
 use crate::conditions::{self, Clock, Desired};
 use crate::fhirendpoint::validate::InvalidSpec;
 use crate::health::Watches;
@@ -449,7 +450,7 @@ async fn publish(ctx: &Context, policy: &BackupPolicy, type_: EventType, reason:
 /// Runs the controller of one scope (`None`: all namespaces) until
 /// `shutdown` completes; `ready` is called once its caches are filled.
 #[allow(clippy::too_many_arguments)]
-pub async fn run_scope(
+pub fn run_scope(
     client: Client,
     clock: Arc<dyn Clock>,
     metrics: SharedMetrics,
@@ -457,22 +458,23 @@ pub async fn run_scope(
     images: JobImages,
     namespace: Option<String>,
     instance: Option<String>,
+    caches: &Caches,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-    ready: impl FnOnce() + Send,
-) {
+    ready: impl FnOnce() + Send + 'static,
+) -> impl Future<Output = ()> + Send + 'static {
     let ns = namespace.as_deref();
     let w = watches.controller(CONTROLLER, ns);
-    let (job_cache, job_stream) = watch_children(api::<Job>(&client, ns), &w);
-    let (endpoints, endpoint_stream) = watch_related(api::<FhirEndpoint>(&client, ns), &w);
-    let (schedules, schedule_stream) = watch_related(api::<KeyRotationSchedule>(&client, ns), &w);
-    let (policies, policy_stream) = watch_related(api::<BackupPolicy>(&client, ns), &w);
+    let (job_cache, job_stream) = caches.children(api::<Job>(&client, ns), &w);
+    let (endpoints, endpoint_stream) = caches.related(api::<FhirEndpoint>(&client, ns), &w);
+    let (schedules, schedule_stream) = caches.related(api::<KeyRotationSchedule>(&client, ns), &w);
+    let (policies, policy_stream) = caches.related(api::<BackupPolicy>(&client, ns), &w);
     let by_endpoint = policies.clone();
     let by_schedule = policies.clone();
-    let controller = Controller::for_stream(policy_stream, policies.clone())
+    let controller = Controller::for_shared_stream(policy_stream, policies.clone())
         .trigger_backoff(NoSharedBackoff)
         .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(200)))
-        .owns_stream(job_stream)
-        .watches_stream(endpoint_stream, move |ep: FhirEndpoint| {
+        .owns_shared_stream(job_stream)
+        .watches_shared_stream(endpoint_stream, move |ep: Arc<FhirEndpoint>| {
             let (name, ns) = (ep.name_any(), ep.namespace());
             by_endpoint
                 .state()
@@ -481,7 +483,7 @@ pub async fn run_scope(
                 .map(|p| ObjectRef::from_obj(&**p))
                 .collect::<Vec<_>>()
         })
-        .watches_stream(schedule_stream, move |krs: KeyRotationSchedule| {
+        .watches_shared_stream(schedule_stream, move |krs: Arc<KeyRotationSchedule>| {
             let (name, ns) = (krs.name_any(), krs.namespace());
             by_schedule
                 .state()
@@ -511,7 +513,7 @@ pub async fn run_scope(
         );
     };
     let run = controller.run(reconcile, error_policy, context);
-    drive(run, caches_filled, ready, CONTROLLER, namespace.as_deref()).await;
+    async move { drive(run, caches_filled, ready, CONTROLLER, namespace.as_deref()).await }
 }
 
 #[cfg(test)]

@@ -23,7 +23,8 @@ use super::build::Images;
 use super::monitoring::{PrometheusRule, ServiceMonitor};
 use super::reconcile::{self, Caches, Context};
 use crate::api::{BackupPolicy, FhirEndpoint, KeyRotationSchedule, RateLimitTier};
-use crate::apply::{Applier, ChildKind, NoSharedBackoff, api, generation_version, watch_children, watch_related};
+use crate::apply::{Applier, ChildKind, NoSharedBackoff, api, generation_version};
+use crate::caches;
 use crate::conditions::Clock;
 use crate::discovery::{self, Capabilities, PdbApi, PodDisruptionBudgetV1beta1};
 use crate::health::Watches;
@@ -111,64 +112,66 @@ fn key_hint_reconciles(
     .filter(move |endpoint| futures::future::ready(namespace.is_none() || endpoint.namespace == namespace))
 }
 
-/// Runs the controller of one scope until `shutdown` completes.
-pub async fn run_scope(
+/// Sets up the controller of one scope, subscribing to `caches`; the
+/// future runs it until `shutdown` completes.
+pub fn run_scope(
     shared: Shared,
     settings: Settings,
     namespace: Option<String>,
+    caches: &caches::Caches,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-    ready: impl FnOnce() + Send,
-) {
+    ready: impl FnOnce() + Send + 'static,
+) -> impl Future<Output = ()> + Send + 'static {
     let client = shared.client.clone();
     let ns = namespace.as_deref();
     let caps = shared.capabilities.read().map(|c| *c).unwrap_or_default();
 
     let w = shared.watches.controller(reconcile::CONTROLLER, ns);
-    let (service_accounts, sa_stream) = watch_children(api::<ServiceAccount>(&client, ns), &w);
-    let (config_maps, cm_stream) = watch_children(api::<ConfigMap>(&client, ns), &w);
-    let (secrets, secret_stream) = watch_children(api::<Secret>(&client, ns), &w);
-    let (deployments, deploy_stream) = watch_children(api::<Deployment>(&client, ns), &w);
-    let (services, svc_stream) = watch_children(api::<Service>(&client, ns), &w);
-    let (network_policies, np_stream) = watch_children(api::<NetworkPolicy>(&client, ns), &w);
-    let (tiers, tier_stream) = watch_related(Api::<RateLimitTier>::all(client.clone()), &w);
-    let (key_schedules, krs_stream) = watch_related(api::<KeyRotationSchedule>(&client, ns), &w);
-    let (backups, backup_stream) = watch_related(api::<BackupPolicy>(&client, ns), &w);
+    let (service_accounts, sa_stream) = caches.children(api::<ServiceAccount>(&client, ns), &w);
+    let (config_maps, cm_stream) = caches.children(api::<ConfigMap>(&client, ns), &w);
+    let (secrets, secret_stream) = caches.children(api::<Secret>(&client, ns), &w);
+    let (deployments, deploy_stream) = caches.children(api::<Deployment>(&client, ns), &w);
+    let (services, svc_stream) = caches.children(api::<Service>(&client, ns), &w);
+    let (network_policies, np_stream) = caches.children(api::<NetworkPolicy>(&client, ns), &w);
+    let (tiers, tier_stream) = caches.related(Api::<RateLimitTier>::all(client.clone()), &w);
+    let (key_schedules, krs_stream) = caches.related(api::<KeyRotationSchedule>(&client, ns), &w);
+    let (backups, backup_stream) = caches.related(api::<BackupPolicy>(&client, ns), &w);
 
     // The endpoints themselves, cached without managedFields like every
     // other kind (two writers' field sets per endpoint add up).
-    let (endpoint_cache, endpoint_stream) = watch_related(api::<FhirEndpoint>(&client, ns), &w);
-    let mut controller = Controller::for_stream(endpoint_stream, endpoint_cache)
+    let (endpoint_cache, endpoint_stream) = caches.related(api::<FhirEndpoint>(&client, ns), &w);
+    let mut controller = Controller::for_shared_stream(endpoint_stream, endpoint_cache)
         .trigger_backoff(NoSharedBackoff)
         .with_config(
             kube::runtime::controller::Config::default()
                 .concurrency(settings.concurrency)
                 .debounce(Duration::from_millis(500)),
         )
-        .owns_stream(sa_stream)
-        .owns_stream(cm_stream)
-        .owns_stream(secret_stream)
-        .owns_stream(deploy_stream)
-        .owns_stream(svc_stream)
-        .owns_stream(np_stream);
+        .owns_shared_stream(sa_stream)
+        .owns_shared_stream(cm_stream)
+        .owns_shared_stream(secret_stream)
+        .owns_shared_stream(deploy_stream)
+        .owns_shared_stream(svc_stream)
+        .owns_shared_stream(np_stream);
     let endpoints = controller.store();
 
     let (pdbs, pdbs_v1beta1) = match caps.pdb {
         PdbApi::V1 => {
-            let (store, stream) = watch_children(api::<PodDisruptionBudget>(&client, ns), &w);
-            controller = controller.owns_stream(stream);
+            let (store, stream) = caches.children(api::<PodDisruptionBudget>(&client, ns), &w);
+            controller = controller.owns_shared_stream(stream);
             (Some(store), None)
         }
         PdbApi::V1beta1 => {
-            let (store, stream) = watch_children(api::<PodDisruptionBudgetV1beta1>(&client, ns), &w);
-            controller = controller.owns_stream(stream);
+            let (store, stream) = caches.children(api::<PodDisruptionBudgetV1beta1>(&client, ns), &w);
+            controller = controller.owns_shared_stream(stream);
             (None, Some(store))
         }
         PdbApi::NotServed => (None, None),
     };
     let (service_monitors, prometheus_rules) = if caps.monitoring {
-        let (sm, sm_stream) = watch_children(api::<ServiceMonitor>(&client, ns), &w);
-        let (pr, pr_stream) = watch_children(api::<PrometheusRule>(&client, ns), &w);
-        controller = controller.owns_stream(sm_stream).owns_stream(pr_stream);
+        let (sm, sm_stream) = caches.children(api::<ServiceMonitor>(&client, ns), &w);
+        let (pr, pr_stream) = caches.children(api::<PrometheusRule>(&client, ns), &w);
+        controller = controller.owns_shared_stream(sm_stream).owns_shared_stream(pr_stream);
         (Some(sm), Some(pr))
     } else {
         (None, None)
@@ -178,15 +181,15 @@ pub async fn run_scope(
     let by_keys = endpoints.clone();
     let by_backup = endpoints.clone();
     let controller = controller
-        .watches_stream(tier_stream, move |tier: RateLimitTier| {
+        .watches_shared_stream(tier_stream, move |tier: Arc<RateLimitTier>| {
             let name = tier.name_any();
             referencing(&by_tier, |ep| ep.spec.rate_limit.as_ref().is_some_and(|r| r.tier == name))
         })
-        .watches_stream(krs_stream, move |krs: KeyRotationSchedule| {
+        .watches_shared_stream(krs_stream, move |krs: Arc<KeyRotationSchedule>| {
             let (name, ns) = (krs.name_any(), krs.namespace());
             referencing(&by_keys, |ep| ep.namespace() == ns && ep.spec.auth.api_keys.contains(&name))
         })
-        .watches_stream(backup_stream, move |policy: BackupPolicy| {
+        .watches_shared_stream(backup_stream, move |policy: Arc<BackupPolicy>| {
             let ns = policy.namespace();
             referencing(&by_backup, |ep| ep.namespace() == ns && ep.name_any() == policy.spec.endpoint)
         })
@@ -256,9 +259,11 @@ pub async fn run_scope(
             warn!(error = %e, "controller event");
         }
     });
-    tokio::select! {
-        _ = run => {}
-        _ = wait_for_caches => {}
+    async move {
+        tokio::select! {
+            _ = run => {}
+            _ = wait_for_caches => {}
+        }
     }
 }
 

@@ -24,9 +24,8 @@ use crate::api::{
     BackupPolicy, FhirEndpoint, KeyAlgorithm, KeyRotationSchedule, KeyRotationScheduleStatus, KeyVersionState,
     ObjectRef as StatusRef, RotationPhase, condition, reason,
 };
-use crate::apply::{
-    Applier, ChildKind, NoSharedBackoff, api, apply_status, drive, publish_event, watch_children, watch_related,
-};
+use crate::apply::{Applier, ChildKind, NoSharedBackoff, api, apply_status, drive, publish_event};
+use crate::caches::Caches;
 use crate::conditions::{self, Clock, Desired};
 use crate::fhirendpoint::validate::InvalidSpec;
 use crate::health::Watches;
@@ -372,36 +371,38 @@ async fn publish(ctx: &Context, krs: &KeyRotationSchedule, type_: EventType, rea
     publish_event(&ctx.recorder, krs, event).await;
 }
 
-/// Runs the controller of one scope (`None`: all namespaces) until
-/// `shutdown` completes; `ready` is called once its caches are filled.
+/// Sets up the controller of one scope (`None`: all namespaces),
+/// subscribing to `caches`; the future runs it until `shutdown` completes,
+/// and calls `ready` once its caches are filled.
 #[allow(clippy::too_many_arguments)]
-pub async fn run_scope(
+pub fn run_scope(
     client: Client,
     clock: Arc<dyn Clock>,
     metrics: SharedMetrics,
     watches: Watches,
     namespace: Option<String>,
     instance: Option<String>,
+    caches: &Caches,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-    ready: impl FnOnce() + Send,
-) {
+    ready: impl FnOnce() + Send + 'static,
+) -> impl Future<Output = ()> + Send + 'static {
     let ns = namespace.as_deref();
     let w = watches.controller(CONTROLLER, ns);
-    let (secrets, secret_stream) = watch_children(api::<Secret>(&client, ns), &w);
-    let (config_maps, cm_stream) = watch_children(api::<ConfigMap>(&client, ns), &w);
-    let (endpoints, endpoint_stream) = watch_related(api::<FhirEndpoint>(&client, ns), &w);
-    let (backups, backup_stream) = watch_related(api::<BackupPolicy>(&client, ns), &w);
-    let (schedules, schedule_stream) = watch_related(api::<KeyRotationSchedule>(&client, ns), &w);
-    let controller = Controller::for_stream(schedule_stream, schedules.clone())
+    let (secrets, secret_stream) = caches.children(api::<Secret>(&client, ns), &w);
+    let (config_maps, cm_stream) = caches.children(api::<ConfigMap>(&client, ns), &w);
+    let (endpoints, endpoint_stream) = caches.related(api::<FhirEndpoint>(&client, ns), &w);
+    let (backups, backup_stream) = caches.related(api::<BackupPolicy>(&client, ns), &w);
+    let (schedules, schedule_stream) = caches.related(api::<KeyRotationSchedule>(&client, ns), &w);
+    let controller = Controller::for_shared_stream(schedule_stream, schedules.clone())
         .trigger_backoff(NoSharedBackoff)
         .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(200)))
-        .owns_stream(secret_stream)
-        .owns_stream(cm_stream)
-        .watches_stream(endpoint_stream, |ep: FhirEndpoint| {
+        .owns_shared_stream(secret_stream)
+        .owns_shared_stream(cm_stream)
+        .watches_shared_stream(endpoint_stream, |ep: Arc<FhirEndpoint>| {
             let ns = ep.namespace().unwrap_or_default();
             ep.spec.auth.api_keys.iter().map(|name| ObjectRef::new(name).within(&ns)).collect::<Vec<_>>()
         })
-        .watches_stream(backup_stream, |policy: BackupPolicy| {
+        .watches_shared_stream(backup_stream, |policy: Arc<BackupPolicy>| {
             let ns = policy.namespace().unwrap_or_default();
             [ObjectRef::new(&policy.spec.encryption.key_schedule).within(&ns)]
         })
@@ -427,5 +428,5 @@ pub async fn run_scope(
         );
     };
     let run = controller.run(reconcile, error_policy, context);
-    drive(run, caches_filled, ready, CONTROLLER, namespace.as_deref()).await;
+    async move { drive(run, caches_filled, ready, CONTROLLER, namespace.as_deref()).await }
 }
