@@ -397,6 +397,11 @@ async fn open_follower(path: &Path, state: &mut State, audit: &AuditMetrics) -> 
 
 /// Runs the sidecar until SIGTERM or SIGINT, then seals what was read.
 pub async fn run(args: SidecarArgs) -> Result<(), SidecarError> {
+    // First of all: a SIGTERM that comes while the sidecar starts (the pod
+    // deleted at once, or the metrics port just answering) must stop it
+    // cleanly, not kill it before it seals what it read.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(io("installing the SIGTERM handler"))?;
     let key_text =
         std::fs::read_to_string(&args.signing_key).map_err(io(format!("reading {}", args.signing_key.display())))?;
     let key = parse_signing_key(&key_text)
@@ -457,8 +462,6 @@ pub async fn run(args: SidecarArgs) -> Result<(), SidecarError> {
     sidecar.save()?;
     tracing::info!(stream = %sidecar.state.stream, offset = sidecar.state.offset, next_seq = sidecar.state.next_seq, "audit sidecar following the access log");
 
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(io("installing the SIGTERM handler"))?;
     let mut next_seal = tokio::time::Instant::now() + sidecar.args.seal_every;
     let mut stopping = false;
     let mut stop_at: Option<tokio::time::Instant> = None;
