@@ -169,7 +169,16 @@ async fn ready_pod(env: &NodeEnv, endpoint: &str, timeout: Duration) -> Pod {
     let waited = tokio::time::timeout(timeout, async {
         loop {
             let e = endpoints.get(endpoint).await.ok();
-            let ready = e.as_ref().and_then(|e| condition(e, "Ready")) == Some(("True".into(), "Available".into()));
+            // Ready and rolled out for the latest spec: right after an edit
+            // the old generation's Ready and its pod are still there, and
+            // the old pod keeps answering (with the old certificate) until
+            // the rollout replaced it.
+            let current = e
+                .as_ref()
+                .is_some_and(|e| e.status.as_ref().and_then(|s| s.observed_generation) == e.metadata.generation);
+            let ready = current
+                && e.as_ref().and_then(|e| condition(e, "Ready")) == Some(("True".into(), "Available".into()))
+                && e.as_ref().and_then(|e| condition(e, "Progressing")).is_some_and(|(status, _)| status == "False");
             let selector = format!("app.kubernetes.io/instance={endpoint}");
             let list = pods.list(&ListParams::default().labels(&selector)).await.map(|l| l.items).unwrap_or_default();
             let running: Vec<Pod> = list.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
